@@ -5,7 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from relpos.attention import blockwise_attention, causal_attention, choose_impl, dense_attention
+from relpos.attention import (
+    add_batch_shared,
+    blockwise_attention,
+    causal_attention,
+    choose_impl,
+    dense_attention,
+)
 
 
 def naive_attention(q, k, v, bias, scale, inside):
@@ -41,6 +47,49 @@ def test_dense_and_blockwise_match_naive(inside):
     np.testing.assert_allclose(dense_attention(q, k, v, **kw), want, rtol=1e-5, atol=1e-5)
     got = blockwise_attention(q, k, v, block_q=8, block_k=16, **kw)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("t,query_block,max_blocks", [(37, 8, 8), (37, 5, 3), (64, 16, 8)])
+def test_dense_query_blocks_match_naive(t, query_block, max_blocks):
+    """Causal query blocks (uneven last block included) == the float64 double loop."""
+    q, k, v = rand_qkv(t=t)
+    bias = np.random.default_rng(1).normal(size=(3, t, t)).astype(np.float32)
+    pos = jnp.arange(t)
+    got = dense_attention(q, k, v, bias=jnp.asarray(bias), q_pos=pos, k_pos=pos, scale=0.3,
+                          query_block=query_block, max_query_blocks=max_blocks)
+    np.testing.assert_allclose(got, naive_attention(q, k, v, bias, 0.3, False),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_dense_query_blocks_offset_batched_positions_and_gradients():
+    """Tq < Tk, per-row positions and a learned bias: blocked == one block, values and
+    gradients of q, k, v and the bias table."""
+    q, k, v = rand_qkv(t=45)
+    q = q[:, 13:]  # queries continue a prefix of 13 keys
+    pos = jnp.stack([jnp.arange(45), jnp.arange(45) * 2 + 5])
+    table = jax.random.normal(jax.random.key(7), (3, 128)) * 0.5
+
+    def run(q, k, v, table, **kw):
+        fn = lambda qp, kp: table[:, jnp.clip(qp[:, None] - kp[None, :], 0, 127)]
+        out = dense_attention(q, k, v, bias=fn, q_pos=pos[:, 13:], k_pos=pos, scale=0.3, **kw)
+        return (out ** 2).sum(), out
+
+    grad = jax.grad(run, argnums=(0, 1, 2, 3), has_aux=True)
+    (g1, o1), (g4, o4) = (grad(q, k, v, table, query_block=1, max_query_blocks=m)
+                          for m in (1, 4))
+    np.testing.assert_allclose(o4, o1, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g4, g1):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_add_batch_shared_matches_broadcast_add():
+    x = jax.random.normal(jax.random.key(0), (5, 3, 4, 6))
+    b = jax.random.normal(jax.random.key(1), (3, 4, 6))
+    w = jax.random.normal(jax.random.key(2), (5, 3, 4, 6))
+    f = lambda add: jax.grad(lambda x, b: (jnp.tanh(add(x, b)) * w).sum(), (0, 1))(x, b)
+    np.testing.assert_array_equal(add_batch_shared(x, b), x + b)
+    for got, want in zip(f(add_batch_shared), f(lambda x, b: x + b)):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
 def test_blockwise_callable_bias_and_batched_positions():
