@@ -654,7 +654,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-impls", type=_csv(str), default=["dense", "blockwise"])
     p.add_argument("--eval-scheme", default="alibi")
     p.add_argument("--eval-chunk", type=int, default=2048, help="loss chunk (positions)")
-    p.add_argument("--eval-block-size", type=int, default=128)
+    p.add_argument("--eval-block-size", type=int, default=ModelConfig.block_size,
+                   help="blockwise attention block (queries and keys)")
     p.add_argument("--eval-repeats", type=int, default=1)
     p.add_argument("--eval-timeout", type=float, default=1800.0, help="seconds per point")
     p.add_argument("--max-dense-gib", type=float, default=8.0,

@@ -44,7 +44,7 @@ class ModelSection:
     bias_inside_scale: bool = False
     share_position: bool = True
     attn_impl: str = "auto"
-    block_size: int = 128
+    block_size: int = 512
     dense_max_len: int = 2048
 
     def to_model_config(self, vocab_size: int) -> ModelConfig:

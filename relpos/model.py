@@ -36,7 +36,7 @@ class ModelConfig:
     bias_inside_scale: bool = False  # True: (q.k + b)/sqrt(d) as in the seed formula
     share_position: bool = True  # one position module for all layers
     attn_impl: str = "auto"  # auto | dense | blockwise | cudnn
-    block_size: int = 128  # blockwise attention block (queries and keys)
+    block_size: int = 512  # blockwise attention block (queries and keys)
     dense_max_len: int = 2048  # auto switches to blockwise beyond this length
 
     def validate(self) -> ModelConfig:

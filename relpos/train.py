@@ -38,6 +38,8 @@ RESUME_KEYS = ("bias", "model", "data.source", "data.name", "data.paths", "data.
                "data.bpe_vocab_size", "data.val_fraction", "data.max_documents", "data.hub",
                "train.length", "train.batch_size",
                "train.steps", "train.randomized_positions", "optim", "seed")
+# How attention is computed, not what: a run may resume with another implementation.
+RESUME_FREE = frozenset({"model.attn_impl", "model.block_size", "model.dense_max_len"})
 
 
 class Preempted(Exception):
@@ -258,6 +260,7 @@ def check_resume_compatible(run_dir: Path, cfg) -> None:
                 diff += [f"{key}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
             else:
                 diff.append(key)
+    diff = [k for k in diff if k not in RESUME_FREE]
     if diff:
         raise RelposError(
             f"run directory {run_dir} holds a run with a different configuration "

@@ -288,6 +288,13 @@ def test_resume_check_compares_resolved_config_once_a_checkpoint_exists(ws, tmp_
     check_resume_compatible(tmp_path, cfg)  # bias.size=${train.length} saved resolved
     with pytest.raises(RelposError, match=r"different configuration \(bias.size, train.length\)"):
         check_resume_compatible(tmp_path, other)
+    # How attention is computed may change between attempts; what is computed may not.
+    check_resume_compatible(tmp_path, compose_train(ws.args + [
+        "bias=offset", "model.attn_impl=blockwise", "model.block_size=64",
+        "model.dense_max_len=64"]))
+    with pytest.raises(RelposError, match=r"different configuration \(model.d_model\)"):
+        check_resume_compatible(tmp_path, compose_train(ws.args + [
+            "bias=offset", "model.block_size=64", "model.d_model=64"]))
 
 
 def test_metrics_after_a_cut_row_start_on_a_fresh_line(tmp_path):
