@@ -111,14 +111,16 @@ add_batch_shared.defvjp(_add_batch_shared_fwd, _add_batch_shared_bwd)
 
 
 def dense_attention(q, k, v, *, bias, q_pos, k_pos, scale, bias_inside_scale=False,
-                    query_block: int = 64, max_query_blocks: int = 8):
+                    query_block: int = 64, max_query_blocks: int | None = None):
     """Reference path. q: [B, Tq, H, d]; k, v: [B, Tk, H, d] -> [B, Tq, H, d].
 
     Queries are processed in up to ``max_query_blocks`` static blocks (of at least
     ``query_block`` rows), each attending only to keys up to its last query, so the
     scores of whole future blocks are never computed: (n + 1) / 2n of the full ``T x T``
     work for n blocks (0.62 at T = 256) and 0.68x the attention time of one unblocked
-    softmax on CPU (benchmarks/README.md). Every block is an exact dense softmax."""
+    softmax on CPU (benchmarks/README.md). Every block is an exact dense softmax.
+    ``max_query_blocks=None``: 8 on CPU, 1 elsewhere (on GPU the extra kernels have not
+    been measured against the saved work yet)."""
     tq, tk = q.shape[1], k.shape[1]
     offset = tk - tq
     # The causal mask and the bias fold into one additive [.., Tq, Tk] term, and the
@@ -129,6 +131,8 @@ def dense_attention(q, k, v, *, bias, q_pos, k_pos, scale, bias_inside_scale=Fal
     if b is not None:
         add = add + (b * scale if bias_inside_scale else b)
     qh, kh, vh = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # [B, H, T, d]
+    if max_query_blocks is None:
+        max_query_blocks = 8 if jax.default_backend() == "cpu" else 1
     blocks = max(1, min(max_query_blocks, tq // max(query_block, 1)))
     size = -(-tq // blocks)
     outs = []
