@@ -14,6 +14,7 @@ beyond ``model.dense_max_len``.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -106,9 +107,11 @@ def window_plan(n_val: int, lengths: list[int], mode: str, ecfg):
     return plan, e
 
 
+@functools.lru_cache(maxsize=8)
 def make_nll_fn(graphdef, chunk: int):
     """jit ``(params, inputs [B, L], targets [B, L], weights [B, L]) -> (nll_sum [L],
-    count [L])`` with the LM head applied ``chunk`` positions at a time."""
+    count [L])`` with the LM head applied ``chunk`` positions at a time. Cached per
+    (graph, chunk), so in-training evaluations reuse one compiled function."""
 
     def fn(params, inputs, targets, weights):
         model = nnx.merge(graphdef, params)
@@ -198,13 +201,13 @@ def evaluate(model, val: np.ndarray, *, train_length: int, ecfg) -> list[dict]:
 
 
 def quick_val_loss(model, val: np.ndarray, length: int, ecfg) -> float:
-    """Validation loss at the training length (non-overlapping) for in-training logs."""
+    """Validation loss at the training length over the final evaluation's non-overlapping
+    windows (``train.eval_every`` logs)."""
     graphdef, params = nnx.split(model)
-    nll_fn = make_nll_fn(graphdef, ecfg.loss_chunk)
-    e = min(ecfg.tokens, ((val.size - 1) // length) * length)
-    starts = np.arange(0, e, length)
-    sums, counts = score_windows(nll_fn, params, val, length, starts, np.zeros_like(starts),
-                                 e + 1, max(1, ecfg.batch_tokens // length))
+    plan, e = window_plan(val.size, [length], "nonoverlap", ecfg)
+    starts, first, offset = plan[length]
+    sums, counts = score_windows(make_nll_fn(graphdef, ecfg.loss_chunk), params, val, length,
+                                 starts, first, offset + e + 1, max(1, ecfg.batch_tokens // length))
     return float(sums.sum() / counts.sum())
 
 

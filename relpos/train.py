@@ -7,6 +7,7 @@ graph walk happens per step and the host syncs only at log steps.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -292,6 +293,11 @@ class _SignalFlag:
 
 def train(cfg, run_dir: Path) -> dict[str, Any]:
     """Train (resuming if ``run_dir`` has a checkpoint), evaluate, write results.json."""
+    with contextlib.ExitStack() as closing:  # checkpointer, logs, progress bar: any exit
+        return _train(cfg, run_dir, closing)
+
+
+def _train(cfg, run_dir: Path, closing: contextlib.ExitStack) -> dict[str, Any]:
     from relpos.logging_utils import MetricLogger
 
     check_train_config(cfg)
@@ -317,6 +323,7 @@ def train(cfg, run_dir: Path) -> dict[str, Any]:
     step_fn = make_train_step(graphdef, tx)  # on_nonfinite is applied on the host
 
     ckpt = Checkpoints(run_dir / "checkpoints", t.keep_checkpoints)
+    closing.callback(ckpt.close)
     start, train_seconds = 0, 0.0
     restored = ckpt.restore_latest({"params": params, "opt_state": opt_state, "guard": guard},
                                    set_aside=True)
@@ -340,7 +347,8 @@ def train(cfg, run_dir: Path) -> dict[str, Any]:
 
     name, opts = bias_options(cfg.bias)
     log.info("model: %s, %d parameters, bias=%s", cfg.model.preset, n_params, name)
-    metrics = MetricLogger(run_dir, hparams=_hparams(cfg), enable_tb=True)
+    metrics = closing.enter_context(contextlib.closing(
+        MetricLogger(run_dir, hparams=_hparams(cfg), enable_tb=True)))
     fixed_positions = jnp.arange(t.length, dtype=jnp.int32)
 
     def batch_at(step):
@@ -356,7 +364,7 @@ def train(cfg, run_dir: Path) -> dict[str, Any]:
         ckpt.save(step, {"params": params, "opt_state": opt_state, "guard": guard},
                   {"step": step, "train_seconds": train_seconds})
 
-    progress = _progress(t, start)
+    progress = closing.enter_context(contextlib.closing(_progress(t, start)))
     tokens_per_step = t.batch_size * t.length
     steady_tokens, steady_seconds = 0, 0.0
     last_log_time, last_log_step = None, start
@@ -384,17 +392,16 @@ def train(cfg, run_dir: Path) -> dict[str, Any]:
                 tok_s = (step - last_log_step) * tokens_per_step / train_seconds_delta \
                     if train_seconds_delta else float("nan")
                 last_log_time, last_log_step = now, step
-                _check_guard(guard, t.on_nonfinite, ckpt, step)
+                _check_guard(guard, t.on_nonfinite, step)
                 row = {"step": step, "loss": loss, "grad_norm": float(m["grad_norm"]),
-                       "lr": float(schedule(step - 1)), "tokens_per_second": tok_s,
+                       # skipped steps leave the optimiser's count (and so the lr) behind
+                       "lr": float(schedule(step - 1 - int(guard["skipped"]))),
+                       "tokens_per_second": tok_s,
                        "skipped_steps": int(guard["skipped"])}
                 metrics.scalars(row, step)
                 progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
             if sig.signum is not None:
                 save(step)
-                progress.close()
-                metrics.close()
-                ckpt.close()
                 raise Preempted(sig.signum, step, run_dir)
             paused = at_ckpt
             if at_ckpt:
@@ -407,7 +414,6 @@ def train(cfg, run_dir: Path) -> dict[str, Any]:
             if paused and last_log_time is not None:
                 last_log_time = time.perf_counter()  # checkpoints and evals are not training
     progress.close()
-    ckpt.close()
 
     model = nnx.merge(graphdef, params)
     results = {
@@ -432,16 +438,14 @@ def train(cfg, run_dir: Path) -> dict[str, Any]:
         metrics.scalars({f"eval_{e['mode']}/ppl_L{e['length']}": e["ppl"]}, t.steps)
     metrics.bias_figure(run_dir / "bias_profile.json", t.steps)
     metrics.final(results)
-    metrics.close()
     atomic_write_json(run_dir / "results.json", results)
     return results
 
 
-def _check_guard(guard, policy: str, ckpt: Checkpoints, step: int) -> None:
+def _check_guard(guard, policy: str, step: int) -> None:
     bad = int(guard["bad_step"])
     if bad >= 0 and policy == "error":
         what = {1: "loss", 2: "grad_norm"}[int(guard["bad_what"])]
-        ckpt.close()
         raise RelposError(
             f"non-finite {what} at step {bad + 1}; training stopped, the last good checkpoint "
             "is kept (lower optim.lr, or train.on_nonfinite=skip to skip such steps)")

@@ -259,11 +259,11 @@ def oracle(ws):
     def nll_of(windows: np.ndarray) -> np.ndarray:
         return np.asarray(nll(jnp.asarray(windows, jnp.int32)), np.float64)
 
-    return got, nll_of, val
+    return got, nll_of, val, model, cfg
 
 
 def test_nonoverlap_loss_equals_direct_computation(oracle):
-    got, nll_of, val = oracle
+    got, nll_of, val, *_ = oracle
     for L in (16, 32):
         starts = np.arange(0, 512, L)  # the first 512 targets, consecutive windows
         want = nll_of(val[starts[:, None] + np.arange(L + 1)]).mean()
@@ -272,10 +272,20 @@ def test_nonoverlap_loss_equals_direct_computation(oracle):
         np.testing.assert_allclose(e["loss"], want, rtol=1e-5)
 
 
+def test_quick_val_loss_is_the_nonoverlap_loss_and_compiles_once(oracle):
+    got, _, val, model, cfg = oracle
+    eval_lib.make_nll_fn.cache_clear()
+    for _ in range(2):  # as at two train.eval_every steps: the second reuses the function
+        loss = eval_lib.quick_val_loss(model, val, 16, cfg.eval)
+        np.testing.assert_allclose(loss, got[("nonoverlap", 16)]["loss"], rtol=1e-6)
+    info = eval_lib.make_nll_fn.cache_info()
+    assert (info.misses, info.hits) == (1, 1)
+
+
 def test_sliding_loss_equals_per_target_oracle(oracle):
     """Each target t in [C+1, C+E] (C: the context of the longest window) is scored
     once, by the window whose last S positions hold it, so it sees >= L - S tokens."""
-    got, nll_of, val = oracle
+    got, nll_of, val, *_ = oracle
     context = max(L - L // 2 for L in (16, 32))
     targets = np.arange(context + 1, context + 512 + 1)
     for L in (16, 32):

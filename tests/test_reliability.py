@@ -20,12 +20,13 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 from omegaconf import OmegaConf
 from test_pipeline import Workspace, assert_trees_equal, cli_argv, compose_train, restore_state
 
 from relpos import io as io_lib
 from relpos.errors import RelposError
-from relpos.train import check_resume_compatible
+from relpos.train import build_model, check_resume_compatible, make_optimizer
 
 STEPS, EVERY = 400, 100
 # The offset table (the project's seed scheme) has an interpolated option, size: ${train.length}.
@@ -193,6 +194,13 @@ def test_nonfinite_skip_policy_skips_and_counts(ws):
     counts = [row["skipped_steps"] for row in rows if "skipped_steps" in row]
     assert res["skipped_steps"] > 0 and res["skipped_steps"] == counts[-1]
     assert counts == sorted(counts)
+    # The logged lr is the one the optimiser used: skipped steps do not advance its count.
+    cfg = compose_train(ws.args + ["train.steps=10", "optim.lr=1e30"])
+    params = nnx.split(build_model(cfg, vocab_size=257), nnx.Param)[1]
+    _, schedule = make_optimizer(cfg.optim, 10, params)
+    last = [row for row in rows if "lr" in row][-1]
+    assert last["step"] == 10
+    assert last["lr"] == pytest.approx(float(schedule(10 - 1 - last["skipped_steps"])))
     state = restore_state(run_dir, 10)  # a skipped update never reaches the parameters
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
 

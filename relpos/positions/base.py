@@ -58,14 +58,20 @@ def check_positive_int(option: str, value, *, minimum: int = 1) -> int:
     return int(value)
 
 
-def check_positive_float(option: str, value) -> float:
+def check_positive_float(option: str, value, *, allow_zero: bool = False) -> float:
+    what = "a number >= 0" if allow_zero else "a positive number"
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise RelposConfigError(f"{option} must be a positive number, got {value!r}") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise RelposConfigError(f"{option} must be a positive finite number, got {value!r}")
+        raise RelposConfigError(f"{option} must be {what}, got {value!r}") from None
+    if not ((v >= 0 if allow_zero else v > 0) and math.isfinite(v)):
+        finite = "a finite number >= 0" if allow_zero else "a positive finite number"
+        raise RelposConfigError(f"{option} must be {finite}, got {value!r}")
     return v
+
+
+def check_nonnegative_float(option: str, value) -> float:
+    return check_positive_float(option, value, allow_zero=True)
 
 
 def check_choice(option: str, value, choices: Iterable[str]) -> str:

@@ -33,6 +33,7 @@ from relpos.positions.base import (
     RelposConfigError,
     causal_distance,
     check_choice,
+    check_nonnegative_float,
     check_positive_int,
     is_concrete,
 )
@@ -64,16 +65,6 @@ def offset_bias(q_pos: jax.Array, k_pos: jax.Array, table: jax.Array,
     """
     dist = causal_distance(q_pos, k_pos)  # [Tq, Tk]
     return take_with_policy(jnp.asarray(table, jnp.float32), dist, axis=1, policy=policy)
-
-
-def check_nonnegative_float(option: str, value) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise RelposConfigError(f"{option} must be a number >= 0, got {value!r}") from None
-    if not (v >= 0 and math.isfinite(v)):
-        raise RelposConfigError(f"{option} must be a finite number >= 0, got {value!r}")
-    return v
 
 
 @register("offset")

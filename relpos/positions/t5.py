@@ -22,9 +22,9 @@ from relpos.positions.base import (
     PositionTable,
     RelposConfigError,
     causal_distance,
+    check_nonnegative_float,
     check_positive_int,
 )
-from relpos.positions.offset import check_nonnegative_float
 from relpos.positions.registry import register
 
 
