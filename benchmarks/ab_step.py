@@ -1,6 +1,6 @@
 """Before/after ratio of the training step time between two git revisions.
 
-Runs the ``small`` training step (relpos.bench.JaxCase: batch 16, T 256, fp32) of each
+Runs a training step (relpos.bench.JaxCase; default ``small``, batch 16, T 256, fp32) of each
 revision in alternating subprocesses (A B A B ...) on the same machine, so slow drift of
 a shared host hits both sides alike, and prints the median step time per side and the
 after/before ratio per scheme. The "before" tree is a temporary ``git worktree``.
@@ -27,7 +27,7 @@ import json, sys
 from relpos import bench
 schemes = sys.argv[1].split(",")
 steps, batch, length = (int(x) for x in sys.argv[2:5])
-mcfg = bench.preset_config("small")
+mcfg = bench.preset_config(sys.argv[5])
 out = {}
 for s in schemes:
     c = bench.JaxCase(s, mcfg, batch=batch, length=length, total_steps=1000)
@@ -41,7 +41,7 @@ print("RESULT" + json.dumps(out))
 def run_side(tree: Path, args) -> dict:
     env = dict(os.environ, PYTHONPATH=str(tree))
     proc = subprocess.run([sys.executable, "-c", WORKER, args.schemes, str(args.steps),
-                           str(args.batch), str(args.length)],
+                           str(args.batch), str(args.length), args.preset],
                           env=env, cwd=tree, capture_output=True, text=True, check=False)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT"):
@@ -57,6 +57,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--length", type=int, default=256)
+    p.add_argument("--preset", default="small", help="model preset (configs/model)")
     p.add_argument("--out")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
