@@ -88,17 +88,17 @@ def check_batch(mesh: Mesh, batch_size: int) -> None:
                           f"the data mesh; choose a multiple of {n}")
 
 
-def positions_sharding(mesh: Mesh, positions) -> NamedSharding:
-    """Shared positions ``[T]`` are replicated; per-example positions ``[B, T]`` follow
-    the batch."""
-    return batch_sharding(mesh) if np.ndim(positions) == 2 else replicated(mesh)
+def positions_sharding(mesh: Mesh, batched: bool) -> NamedSharding:
+    """Shared positions ``[T]`` are replicated; per-example positions ``[B, T]``
+    (``batched``) follow the batch."""
+    return batch_sharding(mesh) if batched else replicated(mesh)
 
 
 def place_batch(mesh: Mesh, tokens, positions):
     """Split ``tokens [B, T+1]`` (and ``[B, T]`` positions) along the batch axis."""
     check_batch(mesh, tokens.shape[0])
     return (jax.device_put(tokens, batch_sharding(mesh)),
-            jax.device_put(positions, positions_sharding(mesh, positions)))
+            jax.device_put(positions, positions_sharding(mesh, np.ndim(positions) == 2)))
 
 
 def make_parallel_train_step(graphdef, tx, mesh: Mesh, params, opt_state, *,
@@ -113,6 +113,6 @@ def make_parallel_train_step(graphdef, tx, mesh: Mesh, params, opt_state, *,
     p_sh = state_shardings(mesh, params, fsdp=fsdp)
     o_sh = state_shardings(mesh, opt_state, fsdp=fsdp)
     g_sh = jax.tree.map(lambda _: rep, fresh_guard())
-    pos_sh = batch_sharding(mesh) if batched_positions else rep
+    pos_sh = positions_sharding(mesh, batched_positions)
     return jax.jit(step, in_shardings=(p_sh, o_sh, g_sh, batch_sharding(mesh), pos_sh, rep),
                    out_shardings=(p_sh, o_sh, g_sh, rep), donate_argnums=(0, 1, 2))
