@@ -85,29 +85,35 @@ def _causal_mask(q_idx: jax.Array, k_idx: jax.Array) -> jax.Array:
     return k_idx[None, :] <= q_idx[:, None]
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def add_batch_shared(x: jax.Array, b: jax.Array) -> jax.Array:
-    """``x [B, ...] + b [...]``, ``b`` broadcast over the batch.
+    """``x [B, ...] + b [...]``, ``b`` broadcast over the batch (``b.ndim == x.ndim - 1``).
 
-    Same value and gradients as ``x + b``; only the batch sum of ``b``'s gradient is
-    written as a matrix-vector product. XLA:CPU (YNNPACK fusions, jax 0.10) lowers the
-    equivalent ``reduce_sum`` over the leading axis of a ``[B, H, T, T]`` cotangent
-    ~35x slower (21.7 vs 0.63 ms at B16 H4 T256): it was most of the step-time cost of a
-    learned bias (benchmarks/README.md)."""
+    Same value and derivatives as ``x + b`` (forward and reverse mode); only the tangent
+    of ``b`` is broadcast by a product with ``ones(B)``, so reverse mode sums its
+    cotangent over the batch as a matrix-vector product. XLA:CPU (YNNPACK fusions, jax
+    0.10) lowers the equivalent ``reduce_sum`` over the leading axis of a ``[B, H, T, T]``
+    array ~35x slower (21.7 vs 0.63 ms at B16 H4 T256): it was most of the step-time cost
+    of a learned bias (benchmarks/README.md)."""
+    _check_batch_shared(x, b)
     return x + b
 
 
-def _add_batch_shared_fwd(x, b):
-    return x + b, None
+def _check_batch_shared(x, b) -> None:
+    if b.ndim != x.ndim - 1:
+        raise ValueError(f"add_batch_shared: b must have x.ndim - 1 = {x.ndim - 1} dims, "
+                         f"got shape {b.shape} for x {x.shape}")
 
 
-def _add_batch_shared_bwd(_, g):
-    ones = jnp.ones((g.shape[0],), g.dtype)
-    db = jnp.einsum("b,b...->...", ones, g, precision=jax.lax.Precision.HIGHEST)
-    return g, db
-
-
-add_batch_shared.defvjp(_add_batch_shared_fwd, _add_batch_shared_bwd)
+@add_batch_shared.defjvp
+def _add_batch_shared_jvp(primals, tangents):
+    x, b = primals
+    dx, db = tangents
+    _check_batch_shared(x, b)
+    out = x + b
+    ones = jnp.ones((x.shape[0],), db.dtype)
+    db = jnp.einsum("b,...->b...", ones, db, precision=jax.lax.Precision.HIGHEST)
+    return out, (dx + db).astype(out.dtype)
 
 
 def dense_attention(q, k, v, *, bias, q_pos, k_pos, scale, bias_inside_scale=False,
@@ -161,7 +167,7 @@ def _pad_to(x: jax.Array, axis: int, multiple: int, mode: str = "constant"):
 
 
 def blockwise_attention(q, k, v, *, bias, q_pos, k_pos, scale, bias_inside_scale=False,
-                        block_q: int = 128, block_k: int = 128):
+                        block_q: int = 512, block_k: int = 512):
     """Online-softmax attention over key blocks; never materialises ``[Tq, Tk]``.
 
     The bias callable is evaluated per (query block, key block) from the blocks'
@@ -250,7 +256,7 @@ def cudnn_attention(q, k, v, *, bias, q_pos, k_pos, scale, bias_inside_scale=Fal
 
 def causal_attention(q, k, v, *, q_pos, k_pos, bias: Bias = None, scale: float | None = None,
                      bias_inside_scale: bool = False, impl: str = "auto",
-                     block_size: int = 128, dense_max_len: int = 2048):
+                     block_size: int = 512, dense_max_len: int = 2048):
     """Causal attention with an additive position bias.
 
     Args:

@@ -204,7 +204,7 @@ def quick_val_loss(model, val: np.ndarray, length: int, ecfg) -> float:
     """Validation loss at the training length over the final evaluation's non-overlapping
     windows (``train.eval_every`` logs)."""
     graphdef, params = nnx.split(model)
-    plan, e = window_plan(val.size, [length], "nonoverlap", ecfg)
+    plan, e = window_plan(val.size, eval_lengths(ecfg, length), "nonoverlap", ecfg)
     starts, first, offset = plan[length]
     sums, counts = score_windows(make_nll_fn(graphdef, ecfg.loss_chunk), params, val, length,
                                  starts, first, offset + e + 1, max(1, ecfg.batch_tokens // length))

@@ -61,17 +61,20 @@ def test_dense_query_blocks_match_naive(t, query_block, max_blocks):
                                rtol=1e-5, atol=1e-5)
 
 
-def test_dense_query_blocks_offset_batched_positions_and_gradients():
-    """Tq < Tk, per-row positions and a learned bias: blocked == one block, values and
-    gradients of q, k, v and the bias table."""
+@pytest.mark.parametrize("per_row", [False, True])
+def test_dense_query_blocks_offset_positions_and_gradients(per_row):
+    """Tq < Tk, shared ([H, Tq, Tk] bias, batch-shared add) or per-row ([B, H, Tq, Tk])
+    positions, a learned bias: blocked == one block, values and gradients of q, k, v and
+    the bias table."""
     q, k, v = rand_qkv(t=45)
     q = q[:, 13:]  # queries continue a prefix of 13 keys
-    pos = jnp.stack([jnp.arange(45), jnp.arange(45) * 2 + 5])
+    pos = jnp.stack([jnp.arange(45), jnp.arange(45) * 2 + 5]) if per_row else jnp.arange(45)
     table = jax.random.normal(jax.random.key(7), (3, 128)) * 0.5
 
     def run(q, k, v, table, **kw):
         fn = lambda qp, kp: table[:, jnp.clip(qp[:, None] - kp[None, :], 0, 127)]
-        out = dense_attention(q, k, v, bias=fn, q_pos=pos[:, 13:], k_pos=pos, scale=0.3, **kw)
+        out = dense_attention(q, k, v, bias=fn, q_pos=pos[..., 13:], k_pos=pos, scale=0.3,
+                              **kw)
         return (out ** 2).sum(), out
 
     grad = jax.grad(run, argnums=(0, 1, 2, 3), has_aux=True)
@@ -82,14 +85,25 @@ def test_dense_query_blocks_offset_batched_positions_and_gradients():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_add_batch_shared_matches_broadcast_add():
+@pytest.mark.parametrize("b_shape", [(3, 4, 6), (1, 4, 6)])
+def test_add_batch_shared_matches_broadcast_add(b_shape):
+    """Value, reverse- and forward-mode derivatives equal those of ``x + b``."""
     x = jax.random.normal(jax.random.key(0), (5, 3, 4, 6))
-    b = jax.random.normal(jax.random.key(1), (3, 4, 6))
+    b = jax.random.normal(jax.random.key(1), b_shape)
     w = jax.random.normal(jax.random.key(2), (5, 3, 4, 6))
-    f = lambda add: jax.grad(lambda x, b: (jnp.tanh(add(x, b)) * w).sum(), (0, 1))(x, b)
+    plain = lambda x, b: x + b
+    loss = lambda add: lambda x, b: (jnp.tanh(add(x, b)) * w).sum()
     np.testing.assert_array_equal(add_batch_shared(x, b), x + b)
-    for got, want in zip(f(add_batch_shared), f(lambda x, b: x + b)):
+    for got, want in zip(jax.grad(loss(add_batch_shared), (0, 1))(x, b),
+                         jax.grad(loss(plain), (0, 1))(x, b)):
+        assert got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    tangents = (w, jnp.ones(b_shape))
+    _, got = jax.jvp(add_batch_shared, (x, b), tangents)
+    _, want = jax.jvp(plain, (x, b), tangents)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="x.ndim - 1"):
+        add_batch_shared(x, b[0])
 
 
 def test_blockwise_callable_bias_and_batched_positions():
