@@ -150,9 +150,8 @@ class TransformerLM(nnx.Module):
 
     def _learned_bias(self) -> bool:
         scheme = self.position
-        return _has(scheme, "bias") and bool(
-            jax.tree.leaves(nnx.state(scheme, nnx.Param)) if isinstance(scheme, nnx.Module)
-            else False)
+        return (_has(scheme, "bias") and isinstance(scheme, nnx.Module)
+                and bool(jax.tree.leaves(nnx.state(scheme, nnx.Param))))
 
     def logits(self, h: jax.Array) -> jax.Array:
         """LM head in fp32: ``[..., D] -> [..., V]``."""

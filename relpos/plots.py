@@ -256,8 +256,8 @@ def plot_bias_profiles(results: list[dict], path: Path) -> bool:
     seen = {}
     for r in results:
         lab = label_of(r)
-        if lab not in seen and profile_of(r) is not None:
-            seen[lab] = profile_of(r)
+        if lab not in seen and (profile := profile_of(r)) is not None:
+            seen[lab] = profile
     if not seen:
         return False
     labs = _order(seen)
@@ -325,8 +325,8 @@ def make_all(inputs: list[str], out_dir: str, title: str = "",
     if plot_bias_profiles(results, out / "bias_profiles.png"):
         written["bias_profiles"] = str(out / "bias_profiles.png")
     for r in results:
-        if r["bias"] == "alibi" and profile_of(r) is not None:
-            plot_bias_heatmap(profile_of(r), out / "bias_heatmap_alibi.png")
+        if r["bias"] == "alibi" and (profile := profile_of(r)) is not None:
+            plot_bias_heatmap(profile, out / "bias_heatmap_alibi.png")
             written["bias_heatmap"] = str(out / "bias_heatmap_alibi.png")
             break
     L = results[0]["train_length"]

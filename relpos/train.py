@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import signal
 import time
@@ -30,7 +29,12 @@ from relpos.errors import RelposError
 from relpos.io import atomic_write_json, atomic_write_text
 from relpos.model import TransformerLM, count_params
 from relpos.positions import lookup as lookup_scheme
-from relpos.positions.base import PositionTable, check_choice, check_positive_int
+from relpos.positions.base import (
+    PositionTable,
+    check_choice,
+    check_positive_float,
+    check_positive_int,
+)
 
 log = logging.getLogger(__name__)
 
@@ -234,8 +238,7 @@ def check_train_config(cfg) -> None:
     except ValueError as e:
         raise RelposError(str(e)) from None
     model_config(cfg.model, cfg.model.vocab_size or 1).validate()  # vocab: tokenizer's, later
-    if cfg.optim.lr <= 0 or not math.isfinite(cfg.optim.lr):
-        raise RelposError(f"optim.lr must be a positive number, got {cfg.optim.lr}")
+    check_positive_float("optim.lr", cfg.optim.lr)
 
 
 def _select(cfg, dotted: str):
@@ -393,11 +396,11 @@ def _train(cfg, run_dir: Path, closing: contextlib.ExitStack) -> dict[str, Any]:
                     if train_seconds_delta else float("nan")
                 last_log_time, last_log_step = now, step
                 _check_guard(guard, t.on_nonfinite, step)
+                skipped = int(guard["skipped"])
                 row = {"step": step, "loss": loss, "grad_norm": float(m["grad_norm"]),
                        # skipped steps leave the optimiser's count (and so the lr) behind
-                       "lr": float(schedule(step - 1 - int(guard["skipped"]))),
-                       "tokens_per_second": tok_s,
-                       "skipped_steps": int(guard["skipped"])}
+                       "lr": float(schedule(step - 1 - skipped)), "tokens_per_second": tok_s,
+                       "skipped_steps": skipped}
                 metrics.scalars(row, step)
                 progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
             if sig.signum is not None:
