@@ -7,9 +7,12 @@ Two parts, one JSON file (``--out``) and printed tables:
   model from :mod:`relpos.model`, random byte tokens. Each scheme's step is compiled
   ahead of time (``lower().compile()``: the compile time), run ``--warmup`` steps, then
   timed in ``--repeats`` rounds of ``--steps`` steps, the host syncing only at the end of
-  a round. Rounds visit the schemes in turn (round-robin), so slow drift in machine load
-  hits every scheme alike; ``ratio_to_none`` is the median over rounds of the per-round
-  step-time ratio to ``none`` (always measured, as the reference).
+  a round. Steps run ``--steps-per-call`` at a time in one compiled call, as
+  ``relpos-train`` does (``train.steps_per_call``; with several values the cases are
+  named ``alibi/k10`` etc.). Rounds visit the schemes in turn (round-robin), so slow
+  drift in machine load hits every scheme alike; ``ratio_to_none`` is the median over
+  rounds of the per-round step-time ratio to ``none`` at the same steps per call
+  (always measured, as the reference).
 * **evaluation** — one window of ``--eval-lengths`` tokens through the forward pass and
   chunked loss of :func:`relpos.evaluate.make_nll_fn`, on the dense and the blockwise
   attention paths. Each point runs in a fresh subprocess so that its peak resident memory
@@ -28,7 +31,7 @@ sizes as a round-robin participant, if ``torch`` and ``x_transformers`` import.
 Usage::
 
     relpos-bench --preset small --out benchmarks/cpu-2core.json
-    python -m relpos.bench --schemes alibi,t5 --steps 3 --eval-lengths 4096
+    python -m relpos.bench --schemes alibi,t5 --steps-per-call 1 --steps 3 --eval-lengths 4096
 """
 
 from __future__ import annotations
@@ -153,24 +156,26 @@ class JaxCase:
     """One scheme's compiled training step and its state, advanced ``n`` steps at a time."""
 
     def __init__(self, scheme: str, mcfg: ModelConfig, *, batch: int, length: int,
-                 total_steps: int, seed: int = 0):
+                 total_steps: int, seed: int = 0, steps_per_call: int = 1):
         from relpos.config import OptimSection
         from relpos.train import fresh_guard, make_optimizer, make_train_step
 
-        self.name = scheme
+        self.scheme, self.steps_per_call = scheme, steps_per_call
+        self.name = case_name(scheme, steps_per_call)
         model = TransformerLM(mcfg, scheme, scheme_options(scheme, length),
                               rngs=nnx.Rngs(params=seed))
         self.params_total = int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
         graphdef, params = nnx.split(model, nnx.Param)
         tx, _ = make_optimizer(OptimSection(), total_steps, params)
         self.state = (params, tx.init(params), fresh_guard())
-        self.tokens = jax.random.randint(jax.random.key(seed + 1), (batch, length + 1), 0,
-                                         mcfg.vocab_size, jnp.int32)
+        stack = (steps_per_call,) if steps_per_call > 1 else ()
+        self.tokens = jax.random.randint(jax.random.key(seed + 1), (*stack, batch, length + 1),
+                                         0, mcfg.vocab_size, jnp.int32)
         self.positions = jnp.arange(length, dtype=jnp.int32)
         self.step_arg = jnp.int32(0)
         self.rusage = _Rusage()
         t0 = time.perf_counter()
-        self.step = make_train_step(graphdef, tx).lower(
+        self.step = make_train_step(graphdef, tx, multi=steps_per_call > 1).lower(
             *self.state, self.tokens, self.positions, self.step_arg).compile()
         self.compile_s = time.perf_counter() - t0
         self.xla_flops = _cost_flops(self.step)
@@ -178,15 +183,20 @@ class JaxCase:
         self.metrics = None
 
     def run(self, n: int) -> float:
-        """Seconds for ``n`` steps; dispatch is asynchronous, one sync at the end."""
+        """Seconds for ``n`` steps (a multiple of ``steps_per_call``); dispatch is
+        asynchronous, one sync at the end."""
+        if n % self.steps_per_call:
+            raise ValueError(f"{n} steps is not a multiple of {self.steps_per_call} per call")
         params, opt_state, guard = self.state
         with self.rusage.count(n):
             t0 = time.perf_counter()
-            for _ in range(n):
+            for _ in range(n // self.steps_per_call):
                 params, opt_state, guard, metrics = self.step(
                     params, opt_state, guard, self.tokens, self.positions, self.step_arg)
             jax.block_until_ready((params, opt_state, metrics))
             elapsed = time.perf_counter() - t0
+        if self.steps_per_call > 1:
+            metrics = jax.tree.map(lambda x: x[-1], metrics)
         self.state, self.metrics = (params, opt_state, guard), metrics
         return elapsed
 
@@ -196,6 +206,11 @@ class JaxCase:
                 "xla_memory": self.xla_memory, "params": self.params_total,
                 "final_loss": float(self.metrics["loss"]) if self.metrics else None,
                 "skipped_steps": int(guard["skipped"]), **self.rusage.per_step()}
+
+
+def case_name(scheme: str, steps_per_call: int) -> str:
+    """``alibi``, or ``alibi/k8`` for 8 training steps per compiled call."""
+    return scheme if steps_per_call == 1 else f"{scheme}/k{steps_per_call}"
 
 
 class _Rusage:
@@ -339,8 +354,9 @@ def time_rounds(cases: list, *, steps: int, warmup: int, repeats: int,
                 log=print) -> dict[str, list[float]]:
     """Warm every case up, then ``repeats`` round-robin rounds of ``steps`` steps each."""
     for case in cases:
-        if warmup:
-            case.run(warmup)
+        if warmup:  # whole calls: at least ``warmup`` steps
+            k = getattr(case, "steps_per_call", 1)
+            case.run(-(-warmup // k) * k)
     times = {case.name: [] for case in cases}
     for r in range(repeats):
         for case in cases:
@@ -353,14 +369,20 @@ def time_rounds(cases: list, *, steps: int, warmup: int, repeats: int,
 def train_rows(times: dict[str, list[float]], cases: list, *, steps: int,
                tokens_per_step: int, flops_per_step: float, peak_flops: float,
                reference: str = "none") -> list[dict]:
-    ref = times[reference]
+    refs = {c.steps_per_call: times[c.name] for c in cases
+            if getattr(c, "scheme", None) == reference}
     rows = []
     for case in cases:
         t = times[case.name]
+        # against ``none`` at the same steps per call (the peer: at the fewest measured)
+        k = getattr(case, "steps_per_call", None)
+        ref = refs[k] if k in refs else refs[min(refs)]
         step_s = statistics.median(t) / steps
         ratios = [a / b for a, b in zip(t, ref)]
         rows.append({
             "scheme": case.name,
+            "position_scheme": getattr(case, "scheme", None),
+            "steps_per_call": k,
             "tokens_per_s": tokens_per_step / step_s,
             "step_s": step_s,
             "step_s_min": min(t) / steps,
@@ -378,10 +400,14 @@ def bench_training(args, mcfg: ModelConfig, peak: dict, log=print) -> dict:
         schemes.insert(0, "none")  # the reference for ratio_to_none
     total = args.warmup + args.steps * args.repeats + 1
     cases = []
-    for name in schemes:
-        log(f"compiling training step: {name}")
-        cases.append(JaxCase(name, mcfg, batch=args.batch, length=args.length,
-                             total_steps=total, seed=args.seed))
+    for k in args.steps_per_call:
+        for name in schemes:
+            log(f"compiling training step: {case_name(name, k)}")
+            cases.append(JaxCase(name, mcfg, batch=args.batch, length=args.length,
+                                 total_steps=total, seed=args.seed, steps_per_call=k))
+    if len(args.steps_per_call) == 1:  # one setting: plain scheme names in the table
+        for case in cases:
+            case.name = case.scheme
     peer, peer_reason = (None, "not requested")
     if args.peer:
         log("building peer: x-transformers")
@@ -412,14 +438,17 @@ def _peer_entry(rows, peer, reason, requested) -> dict:
     if peer is None:
         return {"requested": True, "available": False, "reason": reason}
     by = {r["scheme"]: r for r in rows}
-    mine, theirs = by.get("alibi"), by[peer.name]
+    theirs = by[peer.name]
     entry = {"requested": True, "available": True, **theirs}
-    if mine is not None:
-        ratios = [a / b for a, b in zip(theirs["round_s"], mine["round_s"])]
-        entry["relpos_alibi_speedup"] = statistics.median(ratios)  # >1: relpos faster
+    mine = {r["steps_per_call"]: r for r in rows if r["position_scheme"] == "alibi"}
+    if mine:
+        speedup = {str(k): statistics.median(a / b for a, b in zip(theirs["round_s"], r["round_s"]))
+                   for k, r in sorted(mine.items())}
+        entry["relpos_alibi_speedup_by_steps_per_call"] = speedup
+        entry["relpos_alibi_speedup"] = max(speedup.values())  # >1: relpos faster
         entry["note"] = ("relpos_alibi_speedup = median over rounds of x-transformers step "
                          "time / relpos alibi step time (= relpos tokens/s / x-transformers "
-                         "tokens/s)")
+                         "tokens/s); the best over --steps-per-call")
     else:
         entry["note"] = "include alibi in --schemes for the relpos/x-transformers ratio"
     return entry
@@ -553,7 +582,8 @@ def format_train_table(result: dict) -> str:
     t = result["train"]
     lines = [f"training: preset={result['config']['preset']} batch={result['config']['batch']} "
              f"length={result['config']['length']} dtype={result['config']['dtype']} "
-             f"({result['config']['steps']} steps x {result['config']['repeats']} rounds; "
+             f"({result['config']['steps']} steps x {result['config']['repeats']} rounds, "
+             f"{'/'.join(map(str, result['config']['steps_per_call']))} steps per call; "
              f"median)",
              f"{'scheme':<22}{'tokens/s':>10}{'step ms':>9}{'MFU %':>7}{'x none':>8}"
              f"{'compile s':>10}{'XLA GF/step':>12}"]
@@ -572,8 +602,11 @@ def format_train_table(result: dict) -> str:
     peer = t["peer"]
     if peer.get("requested"):
         if peer.get("available") and "relpos_alibi_speedup" in peer:
+            by_k = peer["relpos_alibi_speedup_by_steps_per_call"]
+            ratio = ", ".join(f"{v:.2f}x" + (f" at {k} steps/call" if len(by_k) > 1 else "")
+                              for k, v in by_k.items())
             lines.append(f"peer: relpos alibi / x-transformers alibi throughput = "
-                         f"{peer['relpos_alibi_speedup']:.2f}x (torch {peer['torch']}, "
+                         f"{ratio} (torch {peer['torch']}, "
                          f"x-transformers {peer['x_transformers']}, {peer['threads']} threads)")
         else:
             lines.append(f"peer: {peer.get('reason') or peer.get('note')}")
@@ -638,8 +671,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", default="small", choices=model_presets())
     p.add_argument("--schemes", type=_csv(str), default=None,
                    help="comma-separated; default: all of relpos.positions.available()")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per round")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
+    p.add_argument("--steps-per-call", type=_csv(int), default=[10],
+                   help="training steps per compiled call (train.steps_per_call; 10 is what "
+                        "relpos-train picks for its default intervals); a list such as 1,10 "
+                        "times every scheme at each, in the same rounds")
     p.add_argument("--repeats", type=int, default=3, help="round-robin timing rounds")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--length", type=int, default=256, help="training length T")
@@ -674,6 +711,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
         p.error("--warmup must be >= 0")
+    for k in args.steps_per_call:
+        if k < 1 or args.steps % k:
+            p.error(f"--steps-per-call {k}: must be >= 1 and divide --steps ({args.steps})")
     return args
 
 
@@ -686,6 +726,7 @@ def run(args, log=print) -> dict:
         "config": {"preset": args.preset, "model": dataclasses.asdict(mcfg),
                    "batch": args.batch, "length": args.length, "dtype": args.dtype,
                    "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
+                   "steps_per_call": args.steps_per_call,
                    "seed": args.seed, "data": "uniform random byte tokens (fixed batch)"},
         "notes": ["wall-clock timings on a possibly shared machine: compare only numbers "
                   "from the same run; see host.loadavg_start/end"],

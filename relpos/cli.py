@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -35,6 +36,10 @@ def _quiet_libraries() -> None:
     # are garbage-collected at exit ("Exception ignored in ...: Event loop is closed").
     # They are not errors of the run: send them to the log file, not the console.
     sys.unraisablehook = _log_unraisable
+    # The same reads, cut off, can also leave coroutines that were never awaited, which
+    # Python reports as a RuntimeWarning when it collects them (at exit, "sys:1").
+    warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited",
+                            category=RuntimeWarning)
 
 
 def _log_unraisable(unraisable) -> None:

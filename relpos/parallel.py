@@ -50,9 +50,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Split axis 0 (the batch) over ``"data"``; other axes whole."""
-    return NamedSharding(mesh, P(AXIS))
+def batch_sharding(mesh: Mesh, stacked: bool = False) -> NamedSharding:
+    """Split the batch axis over ``"data"`` (axis 0; axis 1 of a ``stacked`` ``[n, B, ...]``
+    array of ``n`` steps' batches); other axes whole."""
+    return NamedSharding(mesh, P(None, AXIS) if stacked else P(AXIS))
 
 
 def fsdp_spec(shape: tuple[int, ...], n: int) -> P:
@@ -88,31 +89,36 @@ def check_batch(mesh: Mesh, batch_size: int) -> None:
                           f"the data mesh; choose a multiple of {n}")
 
 
-def positions_sharding(mesh: Mesh, batched: bool) -> NamedSharding:
+def positions_sharding(mesh: Mesh, batched: bool, stacked: bool = False) -> NamedSharding:
     """Shared positions ``[T]`` are replicated; per-example positions ``[B, T]``
-    (``batched``) follow the batch."""
-    return batch_sharding(mesh) if batched else replicated(mesh)
+    (``batched``; ``[n, B, T]`` if ``stacked``) follow the batch."""
+    return batch_sharding(mesh, stacked) if batched else replicated(mesh)
 
 
-def place_batch(mesh: Mesh, tokens, positions):
-    """Split ``tokens [B, T+1]`` (and ``[B, T]`` positions) along the batch axis."""
-    check_batch(mesh, tokens.shape[0])
-    return (jax.device_put(tokens, batch_sharding(mesh)),
-            jax.device_put(positions, positions_sharding(mesh, np.ndim(positions) == 2)))
+def place_batch(mesh: Mesh, tokens, positions, *, stacked: bool = False):
+    """Split ``tokens [B, T+1]`` (and ``[B, T]`` positions) along the batch axis; with
+    ``stacked``, ``[n, B, T+1]`` tokens (and ``[n, B, T]`` positions) of ``n`` steps."""
+    check_batch(mesh, tokens.shape[1 if stacked else 0])
+    batched = np.ndim(positions) == (3 if stacked else 2)
+    return (jax.device_put(tokens, batch_sharding(mesh, stacked)),
+            jax.device_put(positions, positions_sharding(mesh, batched, stacked)))
 
 
 def make_parallel_train_step(graphdef, tx, mesh: Mesh, params, opt_state, *,
-                             fsdp: bool = False, batched_positions: bool = False):
-    """:func:`relpos.train.make_train_step` with the mesh layout pinned on its inputs
-    and outputs. ``params`` and ``opt_state`` (arrays or abstract shapes) give the tree
-    structure; the returned function has the step's signature and donates the state."""
-    from relpos.train import fresh_guard, make_train_step
+                             fsdp: bool = False, batched_positions: bool = False,
+                             multi: bool = False):
+    """:func:`relpos.train.make_train_step` (``multi``: several steps per call) with the
+    mesh layout pinned on its inputs and outputs. ``params`` and ``opt_state`` (arrays or
+    abstract shapes) give the tree structure; the returned function has the step's
+    signature and donates the state."""
+    from relpos.train import fresh_guard, multi_step_fn, train_step_fn
 
-    step = make_train_step(graphdef, tx)
+    step = (multi_step_fn if multi else train_step_fn)(graphdef, tx)
     rep = replicated(mesh)
     p_sh = state_shardings(mesh, params, fsdp=fsdp)
     o_sh = state_shardings(mesh, opt_state, fsdp=fsdp)
     g_sh = jax.tree.map(lambda _: rep, fresh_guard())
-    pos_sh = positions_sharding(mesh, batched_positions)
-    return jax.jit(step, in_shardings=(p_sh, o_sh, g_sh, batch_sharding(mesh), pos_sh, rep),
+    pos_sh = positions_sharding(mesh, batched_positions, multi)
+    return jax.jit(step, in_shardings=(p_sh, o_sh, g_sh, batch_sharding(mesh, multi), pos_sh,
+                                       rep),
                    out_shardings=(p_sh, o_sh, g_sh, rep), donate_argnums=(0, 1, 2))

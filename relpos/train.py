@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -19,6 +20,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from omegaconf import OmegaConf
@@ -115,7 +117,7 @@ def lm_loss(model, tokens, positions):
     return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
 
-def make_train_step(graphdef, tx):
+def train_step_fn(graphdef, tx):
     """Pure step ``(params, opt_state, guard, tokens, positions, step) -> (..., metrics)``.
 
     A non-finite loss or gradient norm never reaches the parameters: the update is
@@ -141,7 +143,38 @@ def make_train_step(graphdef, tx):
         }
         return new_params, new_opt, guard, {"loss": loss, "grad_norm": gnorm}
 
-    return jax.jit(step_fn, donate_argnums=(0, 1, 2))
+    return step_fn
+
+
+def multi_step_fn(graphdef, tx):
+    """``n`` consecutive steps in one call: ``tokens [n, B, T+1]``, ``positions`` shared
+    ``[T]`` or per step ``[n, B, T]``, first step index ``step``; the metrics come back
+    stacked ``[n]``. Same result as ``n`` calls of :func:`train_step_fn` (a ``lax.scan``
+    over it); on CPU it saves XLA's per-call allocation of its temp buffer, whose fresh
+    pages the kernel must fault in and zero on every call under glibc malloc."""
+    step_fn = train_step_fn(graphdef, tx)
+
+    def multi(params, opt_state, guard, tokens, positions, step):
+        per_step_pos = positions.ndim == tokens.ndim
+
+        def body(carry, xs):
+            tok, pos, i = xs
+            *carry, m = step_fn(*carry, tok, pos if per_step_pos else positions, step + i)
+            return tuple(carry), m
+
+        steps = jnp.arange(tokens.shape[0], dtype=jnp.int32)
+        xs = (tokens, positions if per_step_pos else steps, steps)
+        carry, metrics = jax.lax.scan(body, (params, opt_state, guard), xs)
+        return (*carry, metrics)
+
+    return multi
+
+
+def make_train_step(graphdef, tx, *, multi: bool = False):
+    """The jitted step (:func:`train_step_fn`), or with ``multi`` the jitted
+    :func:`multi_step_fn`; the state (params, optimiser state, guard) is donated."""
+    fn = multi_step_fn(graphdef, tx) if multi else train_step_fn(graphdef, tx)
+    return jax.jit(fn, donate_argnums=(0, 1, 2))
 
 
 def fresh_guard():
@@ -226,6 +259,17 @@ def check_train_config(cfg) -> None:
     for key in ("length", "steps", "batch_size", "log_every", "checkpoint_every",
                 "keep_checkpoints"):
         check_positive_int(f"train.{key}", getattr(t, key))
+    k = t.steps_per_call
+    if k is not None:
+        check_positive_int("train.steps_per_call", k)
+        every = _host_intervals(t)
+        bad = [f"train.{name}={v}" for name, v in every.items() if v % k]
+        if bad:  # a call may not run past a step where the host logs, saves or evaluates
+            g = math.gcd(*every.values())
+            fits = [d for d in range(2, min(g, 64) + 1) if g % d == 0]
+            raise RelposError(
+                f"train.steps_per_call={k} must divide {', '.join(bad)}; choose "
+                f"{'one of ' + ', '.join(map(str, fits)) if fits else '1'}, or null (auto)")
     check_choice("train.on_nonfinite", t.on_nonfinite, ("error", "skip"))
     check_choice("train.parallel", t.parallel, ("none", "data", "fsdp"))
     if t.randomized_positions and t.randomized_positions < t.length:
@@ -239,6 +283,27 @@ def check_train_config(cfg) -> None:
         raise RelposError(str(e)) from None
     model_config(cfg.model, cfg.model.vocab_size or 1).validate()  # vocab: tokenizer's, later
     check_positive_float("optim.lr", cfg.optim.lr)
+
+
+AUTO_STEPS_PER_CALL = 10
+
+
+def _host_intervals(t) -> dict[str, int]:
+    """The step intervals at which the host logs, saves and evaluates."""
+    every = {"log_every": t.log_every, "checkpoint_every": t.checkpoint_every}
+    if t.eval_every:
+        every["eval_every"] = t.eval_every
+    return every
+
+
+def steps_per_call(t) -> int:
+    """``train.steps_per_call``, or for null (auto) the largest number up to
+    :data:`AUTO_STEPS_PER_CALL` that divides every host interval (so no call runs past
+    a log, checkpoint or evaluation step; log_every 50 and checkpoint_every 200 -> 10)."""
+    if t.steps_per_call is not None:
+        return t.steps_per_call
+    g = math.gcd(*_host_intervals(t).values())
+    return max(d for d in range(1, AUTO_STEPS_PER_CALL + 1) if g % d == 0)
 
 
 def _select(cfg, dotted: str):
@@ -323,7 +388,9 @@ def _train(cfg, run_dir: Path, closing: contextlib.ExitStack) -> dict[str, Any]:
     tx, schedule = make_optimizer(cfg.optim, t.steps, params)
     opt_state = tx.init(params)
     guard = fresh_guard()
-    step_fn = make_train_step(graphdef, tx)  # on_nonfinite is applied on the host
+    per_call = steps_per_call(t)
+    multi = per_call > 1
+    step_fn = make_train_step(graphdef, tx, multi=multi)  # on_nonfinite: on the host
 
     ckpt = Checkpoints(run_dir / "checkpoints", t.keep_checkpoints)
     closing.callback(ckpt.close)
@@ -343,25 +410,36 @@ def _train(cfg, run_dir: Path, closing: contextlib.ExitStack) -> dict[str, Any]:
         par.check_batch(mesh, t.batch_size)
         fsdp = t.parallel == "fsdp"
         step_fn = par.make_parallel_train_step(graphdef, tx, mesh, params, opt_state, fsdp=fsdp,
-                                               batched_positions=bool(t.randomized_positions))
+                                               batched_positions=bool(t.randomized_positions),
+                                               multi=multi)
         params, opt_state, guard = par.place_state(mesh, (params, opt_state, guard), fsdp=fsdp)
-        place = lambda tokens, pos: par.place_batch(mesh, tokens, pos)  # noqa: E731
+        place = lambda tokens, pos: par.place_batch(mesh, tokens, pos, stacked=multi)  # noqa: E731
         log.info("%s over %d devices", t.parallel, mesh.size)
 
     name, opts = bias_options(cfg.bias)
-    log.info("model: %s, %d parameters, bias=%s", cfg.model.preset, n_params, name)
+    log.info("model: %s, %d parameters, bias=%s, %d steps per call", cfg.model.preset,
+             n_params, name, per_call)
     metrics = closing.enter_context(contextlib.closing(
         MetricLogger(run_dir, hparams=_hparams(cfg), enable_tb=True)))
-    fixed_positions = jnp.arange(t.length, dtype=jnp.int32)
+    fixed_positions = np.arange(t.length, dtype=np.int32)
 
     def batch_at(step):
         tokens = data_lib.train_batch(corpus.train, seed=cfg.seed, step=step,
                                       batch_size=t.batch_size, length=t.length)
         if t.randomized_positions:
-            pos = data_lib.random_positions(seed=cfg.seed, step=step, batch_size=t.batch_size,
-                                            length=t.length, max_position=t.randomized_positions)
-            return tokens, jnp.asarray(pos)
+            return tokens, data_lib.random_positions(
+                seed=cfg.seed, step=step, batch_size=t.batch_size, length=t.length,
+                max_position=t.randomized_positions)
         return tokens, fixed_positions
+
+    def batches(step, n):
+        """``n`` steps' batches stacked for the multi-step call (shared positions once)."""
+        tokens, pos = zip(*(batch_at(s) for s in range(step, step + n)))
+        return np.stack(tokens), (np.stack(pos) if t.randomized_positions else fixed_positions)
+
+    def next_stop(step):
+        """The next step after ``step`` at which the host logs, saves, evaluates or ends."""
+        return min([t.steps] + [(step // e + 1) * e for e in _host_intervals(t).values()])
 
     def save(step):
         ckpt.save(step, {"params": params, "opt_state": opt_state, "guard": guard},
@@ -374,13 +452,16 @@ def _train(cfg, run_dir: Path, closing: contextlib.ExitStack) -> dict[str, Any]:
     step = start
     with _SignalFlag() as sig:
         while step < t.steps:
-            tokens, pos = batch_at(step)
+            n = min(per_call, next_stop(step) - step)
+            tokens, pos = batches(step, n) if multi else batch_at(step)
             if place is not None:
                 tokens, pos = place(tokens, pos)
             params, opt_state, guard, m = step_fn(params, opt_state, guard, tokens, pos,
                                                   jnp.int32(step))
-            step += 1
-            progress.update(1)
+            if multi:
+                m = jax.tree.map(lambda x: x[-1], m)  # the metrics of the call's last step
+            step += n
+            progress.update(n)
             at_ckpt = step % t.checkpoint_every == 0 or step == t.steps
             if step % t.log_every == 0 or at_ckpt or sig.signum is not None:
                 loss = float(m["loss"])  # host sync

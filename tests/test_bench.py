@@ -32,7 +32,8 @@ def test_bench_main_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     bench.main(["--preset", "tiny", "--steps", "2", "--warmup", "1", "--repeats", "1",
                 "--schemes", "alibi", "--eval-lengths", "512", "--peak-sizes", "256",
-                "--length", "64", "--batch", "4", "--peer", "--out", str(out)])
+                "--length", "64", "--batch", "4", "--peer", "--steps-per-call", "1,2",
+                "--out", str(out)])
     printed = capsys.readouterr().out
     assert "tokens/s" in printed and "MFU" in printed and "blockwise" in printed
     r = json.loads(out.read_text())
@@ -40,17 +41,22 @@ def test_bench_main_writes_json(tmp_path, capsys):
     flops = r["train"]["flops"]
     assert flops["causal_half_discounted"] is False and "6 N + 12 L T d" in flops["convention"]
     rows = {row["scheme"]: row for row in r["train"]["rows"]}
-    assert set(rows) == {"none", "alibi"}  # none is always the reference
+    # none is always the reference, at each number of steps per call
+    assert set(rows) == {"none", "alibi", "none/k2", "alibi/k2"}
+    assert rows["alibi/k2"]["steps_per_call"] == 2 and rows["alibi"]["steps_per_call"] == 1
     for row in rows.values():
         for key in ("tokens_per_s", "step_s", "mfu", "ratio_to_none", "compile_s",
                     "round_s", "final_loss"):
             assert row[key] is not None, key
         assert row["skipped_steps"] == 0
         assert row["minor_faults_per_step"] >= 0 and row["sys_s_per_step"] >= 0
-    assert rows["none"]["ratio_to_none"] == 1.0
+    assert rows["none"]["ratio_to_none"] == rows["none/k2"]["ratio_to_none"] == 1.0
     peer = r["train"]["peer"]
     assert peer["requested"] is True
     assert peer["available"] or peer["reason"]
+    if peer["available"]:
+        by_k = peer["relpos_alibi_speedup_by_steps_per_call"]
+        assert set(by_k) == {"1", "2"} and peer["relpos_alibi_speedup"] == max(by_k.values())
     points = {p["impl"]: p for p in r["eval"]["points"]}
     assert set(points) == {"dense", "blockwise"}
     for p in points.values():
@@ -66,6 +72,12 @@ def test_dense_eval_skipped_over_cap():
                          max_dense_gib=1e-6, repeats=1)
     assert p["status"] == "skipped" and "max-dense-gib" in p["note"]
     assert p["xla_peak_gib"] > 1e-6
+
+
+def test_steps_per_call_must_divide_the_timed_steps():
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--steps", "5", "--steps-per-call", "1,2"])
+    assert bench.parse_args(["--steps", "8", "--steps-per-call", "1,8"]).steps_per_call == [1, 8]
 
 
 def test_unknown_scheme_is_a_usage_error():

@@ -57,19 +57,32 @@ SCRIPT = textwrap.dedent("""
         for i, toks in enumerate(batches):
             params, opt, guard, m = step(params, opt, guard, *place(toks, pos), jnp.int32(i))
             losses.append(float(m["loss"]))
+        if mode == "dp":  # again, all steps in one call (train.steps_per_call)
+            _, _, params1, opt1, guard1 = fresh()
+            multi = make_parallel_train_step(graphdef, tx, mesh, params1, opt1, multi=True)
+            state = place_state(mesh, (params1, opt1, guard1))
+            toks, p = place_batch(mesh, np.stack(batches), pos, stacked=True)
+            *state, m = multi(*state, toks, p, jnp.int32(0))
+            multi_losses = [float(x) for x in m["loss"]]
+            multi_spec = str(toks.sharding.spec)
+            multi_rel = diff([np.asarray(x) for x in jax.tree.leaves(state[0])],
+                             [np.asarray(x) for x in jax.tree.leaves(params)]) / norm(
+                                 [np.asarray(x) for x in jax.tree.leaves(params)])
         leaves = [np.asarray(x) for x in jax.tree.leaves(params)]
         shards = sorted({len(x.sharding.device_set) for x in jax.tree.leaves(params)})
         specs = sorted({str(x.sharding.spec) for x in jax.tree.leaves(params)
                         if hasattr(x.sharding, "spec")})
-        return losses, leaves, shards, specs, grads
+        extra = {"multi_losses": multi_losses, "multi_spec": multi_spec,
+                 "multi_param_rel": multi_rel} if mode == "dp" else {}
+        return losses, leaves, shards, specs, grads, extra
 
-    ref_losses, ref_leaves, _, _, ref_grads = run("single")
-    init_leaves = [np.asarray(x) for x in jax.tree.leaves(fresh()[2])]
     norm = lambda xs: float(np.sqrt(sum(float((x.astype(np.float64) ** 2).sum()) for x in xs)))
     diff = lambda xs, ys: norm([x - y for x, y in zip(xs, ys)])
+    ref_losses, ref_leaves, _, _, ref_grads, _ = run("single")
+    init_leaves = [np.asarray(x) for x in jax.tree.leaves(fresh()[2])]
     out = {"single": ref_losses}
     for mode in ("dp", "fsdp"):
-        losses, leaves, shards, specs, grads = run(mode)
+        losses, leaves, shards, specs, grads, extra = run(mode)
         out[mode] = {
             "losses": losses,
             "loss_rel": max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses)),
@@ -79,7 +92,7 @@ SCRIPT = textwrap.dedent("""
             "param_rel": diff(leaves, ref_leaves) / norm(ref_leaves),
             "param_rel_to_update": diff(leaves, ref_leaves) / diff(ref_leaves, init_leaves),
             "param_max_abs": max(float(np.abs(a - b).max()) for a, b in zip(leaves, ref_leaves)),
-            "device_sets": shards, "specs": specs,
+            "device_sets": shards, "specs": specs, **extra,
         }
     print(json.dumps(out))
 """)
@@ -111,6 +124,15 @@ def test_sharded_training_matches_single_device(parallel_result, mode):
     np.testing.assert_allclose(r["losses"], parallel_result["single"], rtol=1e-5)
     assert r["grad_rel"] < 1e-5, r
     assert r["param_rel"] < 1e-5, r
+
+
+def test_several_steps_per_call_on_the_mesh(parallel_result):
+    """The 3 data-parallel steps as one call (train.steps_per_call=3): the stacked batch
+    is split along its batch axis (axis 1) and the result is the one-call-per-step run's."""
+    r = parallel_result["dp"]
+    assert r["multi_spec"] == "P(None, 'data')"
+    np.testing.assert_allclose(r["multi_losses"], r["losses"], rtol=1e-5)
+    assert r["multi_param_rel"] < 1e-5, r
 
 
 def test_layouts(parallel_result):

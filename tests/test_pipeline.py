@@ -238,6 +238,31 @@ def test_interrupted_run_resumes_to_the_same_end(ws, monkeypatch):
     assert_trees_equal(restore_state(parts, 24), restore_state(whole, 24))
 
 
+def test_steps_per_call_trains_like_one_step_per_call(ws):
+    """train.steps_per_call=4: the same logged steps (4, 8, 12 and the 2-step tail to 14),
+    losses, evaluation and final parameters as one step per call (to fp32 rounding: the
+    scan body is compiled separately from the single step)."""
+    base = ws.args + ["train.steps=14", "train.log_every=4", "train.checkpoint_every=8",
+                      "eval.modes=[nonoverlap]"]
+    runs = {}
+    for k in (1, 4):
+        out = train_lib.train(compose_train(base + [f"train.steps_per_call={k}"]),
+                              ws.root / f"k{k}")
+        rows = [json.loads(line) for line in (ws.root / f"k{k}" / "metrics.jsonl")
+                .read_text().splitlines()]
+        runs[k] = (out, [r for r in rows if "loss" in r], restore_state(ws.root / f"k{k}", 14))
+    (ref, ref_rows, ref_state), (got, got_rows, got_state) = runs[1], runs[4]
+    assert [r["step"] for r in got_rows] == [r["step"] for r in ref_rows] == [4, 8, 12, 14]
+    np.testing.assert_allclose([r["loss"] for r in got_rows], [r["loss"] for r in ref_rows],
+                               rtol=1e-5)
+    np.testing.assert_allclose([r["lr"] for r in got_rows], [r["lr"] for r in ref_rows])
+    np.testing.assert_allclose([e["loss"] for e in got["eval"]], [e["loss"] for e in ref["eval"]],
+                               rtol=1e-5)
+    a = np.concatenate([np.ravel(x) for x in jax.tree.leaves(got_state["params"])])
+    b = np.concatenate([np.ravel(x) for x in jax.tree.leaves(ref_state["params"])])
+    assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-5
+
+
 # ----------------------------------------------------------------------------- protocol
 
 
