@@ -178,6 +178,7 @@ class JaxCase:
         self.step = make_train_step(graphdef, tx, multi=steps_per_call > 1).lower(
             *self.state, self.tokens, self.positions, self.step_arg).compile()
         self.compile_s = time.perf_counter() - t0
+        # per step either way: XLA's cost analysis counts a loop body once
         self.xla_flops = _cost_flops(self.step)
         self.xla_memory = _memory(self.step)
         self.metrics = None
@@ -402,12 +403,12 @@ def bench_training(args, mcfg: ModelConfig, peak: dict, log=print) -> dict:
     cases = []
     for k in args.steps_per_call:
         for name in schemes:
-            log(f"compiling training step: {case_name(name, k)}")
-            cases.append(JaxCase(name, mcfg, batch=args.batch, length=args.length,
-                                 total_steps=total, seed=args.seed, steps_per_call=k))
-    if len(args.steps_per_call) == 1:  # one setting: plain scheme names in the table
-        for case in cases:
-            case.name = case.scheme
+            case = JaxCase(name, mcfg, batch=args.batch, length=args.length,
+                           total_steps=total, seed=args.seed, steps_per_call=k)
+            if len(args.steps_per_call) == 1:  # one setting: plain scheme names
+                case.name = name
+            log(f"compiled training step: {case.name} ({case.compile_s:.1f} s)")
+            cases.append(case)
     peer, peer_reason = (None, "not requested")
     if args.peer:
         log("building peer: x-transformers")
