@@ -2,8 +2,8 @@
 
 Each side is a fresh subprocess (``LD_PRELOAD`` must be set before the process starts),
 alternating glibc / preload for ``--rounds``; in each process one scheme's ``small``
-training step is timed at one step per compiled call and at ``--steps-per-call``
-(best of 3 timings of ``--steps`` steps). Prints and writes the median per side.
+training step is timed at one step per compiled call and at ``--steps-per-call`` N
+(best of 3 timings of N steps, after N untimed). Prints and writes the median per side.
 
     python benchmarks/ab_allocator.py --out benchmarks/allocator-steps-per-call.json
 """
@@ -31,6 +31,7 @@ cases = [bench.JaxCase(scheme, mcfg, batch=16, length=256, total_steps=1000,
                        steps_per_call=n) for n in (1, k)]
 for c in cases:
     c.run(steps)
+    c.rusage = bench._Rusage()  # count the timed steps only
 out = {}
 for c in cases:
     out[str(c.steps_per_call)] = min(c.run(steps) / steps for _ in range(3)) * 1000

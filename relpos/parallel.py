@@ -19,7 +19,7 @@ Simulate devices on CPU with ``XLA_FLAGS=--xla_force_host_platform_device_count=
 Example::
 
     mesh = data_mesh()
-    step = make_parallel_train_step(graphdef, tx, mesh, fsdp=False)
+    step = make_parallel_train_step(graphdef, tx, mesh, params, opt_state, fsdp=False)
     params, opt_state, guard = place_state(mesh, (params, opt_state, guard))
     tokens, positions = place_batch(mesh, tokens, positions)
     params, opt_state, guard, metrics = step(params, opt_state, guard, tokens, positions,

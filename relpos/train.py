@@ -159,11 +159,11 @@ def multi_step_fn(graphdef, tx):
 
         def body(carry, xs):
             tok, pos, i = xs
-            *carry, m = step_fn(*carry, tok, pos if per_step_pos else positions, step + i)
+            *carry, m = step_fn(*carry, tok, positions if pos is None else pos, step + i)
             return tuple(carry), m
 
         steps = jnp.arange(tokens.shape[0], dtype=jnp.int32)
-        xs = (tokens, positions if per_step_pos else steps, steps)
+        xs = (tokens, positions if per_step_pos else None, steps)
         carry, metrics = jax.lax.scan(body, (params, opt_state, guard), xs)
         return (*carry, metrics)
 
@@ -259,6 +259,7 @@ def check_train_config(cfg) -> None:
     for key in ("length", "steps", "batch_size", "log_every", "checkpoint_every",
                 "keep_checkpoints"):
         check_positive_int(f"train.{key}", getattr(t, key))
+    check_positive_int("train.eval_every", t.eval_every, minimum=0)
     k = t.steps_per_call
     if k is not None:
         check_positive_int("train.steps_per_call", k)
@@ -296,12 +297,15 @@ def _host_intervals(t) -> dict[str, int]:
     return every
 
 
-def steps_per_call(t) -> int:
-    """``train.steps_per_call``, or for null (auto) the largest number up to
+def steps_per_call(t, backend: str | None = None) -> int:
+    """``train.steps_per_call``, or for null (auto) on CPU the largest number up to
     :data:`AUTO_STEPS_PER_CALL` that divides every host interval (so no call runs past
-    a log, checkpoint or evaluation step; log_every 50 and checkpoint_every 200 -> 10)."""
+    a log, checkpoint or evaluation step; log_every 50 and checkpoint_every 200 -> 10),
+    and 1 on other backends (not measured there; set it explicitly to try)."""
     if t.steps_per_call is not None:
         return t.steps_per_call
+    if (backend or jax.default_backend()) != "cpu":
+        return 1
     g = math.gcd(*_host_intervals(t).values())
     return max(d for d in range(1, AUTO_STEPS_PER_CALL + 1) if g % d == 0)
 
@@ -449,6 +453,7 @@ def _train(cfg, run_dir: Path, closing: contextlib.ExitStack) -> dict[str, Any]:
     tokens_per_step = t.batch_size * t.length
     steady_tokens, steady_seconds = 0, 0.0
     last_log_time, last_log_step = None, start
+    executables = {}  # compiled step per tokens shape ([B, T+1] or [n, B, T+1])
     step = start
     with _SignalFlag() as sig:
         while step < t.steps:
@@ -456,8 +461,13 @@ def _train(cfg, run_dir: Path, closing: contextlib.ExitStack) -> dict[str, Any]:
             tokens, pos = batches(step, n) if multi else batch_at(step)
             if place is not None:
                 tokens, pos = place(tokens, pos)
-            params, opt_state, guard, m = step_fn(params, opt_state, guard, tokens, pos,
-                                                  jnp.int32(step))
+            args = (params, opt_state, guard, tokens, pos, jnp.int32(step))
+            if tokens.shape not in executables:  # a new call length (the tail, a resume)
+                t0 = time.perf_counter()
+                executables[tokens.shape] = step_fn.lower(*args).compile()
+                if last_log_time is not None:
+                    last_log_time += time.perf_counter() - t0  # compiling is not training
+            params, opt_state, guard, m = executables[tokens.shape](*args)
             if multi:
                 m = jax.tree.map(lambda x: x[-1], m)  # the metrics of the call's last step
             step += n

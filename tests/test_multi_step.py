@@ -103,6 +103,8 @@ def test_steps_per_call_must_divide_the_host_intervals():
                                       "train.checkpoint_every=200"]))
     with pytest.raises(RelposError, match="train.steps_per_call"):
         check_train_config(compose_train(["train.steps_per_call=0"]))
+    with pytest.raises(RelposError, match="train.eval_every must be an integer >= 0"):
+        check_train_config(compose_train(["train.eval_every=-50"]))
 
 
 @pytest.mark.parametrize("log,ckpt,ev,expected", [
@@ -116,3 +118,4 @@ def test_auto_steps_per_call_divides_every_host_interval(log, ckpt, ev, expected
     assert cfg.train.steps_per_call is None  # the default is auto
     check_train_config(cfg)
     assert steps_per_call(cfg.train) == expected
+    assert steps_per_call(cfg.train, backend="gpu") == 1  # not measured off CPU

@@ -68,12 +68,25 @@ SCRIPT = textwrap.dedent("""
             multi_rel = diff([np.asarray(x) for x in jax.tree.leaves(state[0])],
                              [np.asarray(x) for x in jax.tree.leaves(params)]) / norm(
                                  [np.asarray(x) for x in jax.tree.leaves(params)])
+            # per-step, per-row positions (randomized positions): [n, B, T] follows the batch
+            rpos = np.sort(np.random.default_rng(1).integers(0, 100, (STEPS, B, T)),
+                           axis=-1).astype(np.int32)
+            _, _, p1, o1, g1 = fresh()
+            *_, m_one = make_train_step(graphdef, tx, multi=True)(
+                p1, o1, g1, jnp.asarray(np.stack(batches)), jnp.asarray(rpos), jnp.int32(0))
+            _, _, p2, o2, g2 = fresh()
+            multi_r = make_parallel_train_step(graphdef, tx, mesh, p2, o2, multi=True,
+                                               batched_positions=True)
+            toks, rp = place_batch(mesh, np.stack(batches), rpos, stacked=True)
+            *_, m_mesh = multi_r(*place_state(mesh, (p2, o2, g2)), toks, rp, jnp.int32(0))
+            rand = {"one": [float(x) for x in m_one["loss"]],
+                    "mesh": [float(x) for x in m_mesh["loss"]], "spec": str(rp.sharding.spec)}
         leaves = [np.asarray(x) for x in jax.tree.leaves(params)]
         shards = sorted({len(x.sharding.device_set) for x in jax.tree.leaves(params)})
         specs = sorted({str(x.sharding.spec) for x in jax.tree.leaves(params)
                         if hasattr(x.sharding, "spec")})
         extra = {"multi_losses": multi_losses, "multi_spec": multi_spec,
-                 "multi_param_rel": multi_rel} if mode == "dp" else {}
+                 "multi_param_rel": multi_rel, "random_positions": rand} if mode == "dp" else {}
         return losses, leaves, shards, specs, grads, extra
 
     norm = lambda xs: float(np.sqrt(sum(float((x.astype(np.float64) ** 2).sum()) for x in xs)))
@@ -133,6 +146,10 @@ def test_several_steps_per_call_on_the_mesh(parallel_result):
     assert r["multi_spec"] == "P(None, 'data')"
     np.testing.assert_allclose(r["multi_losses"], r["losses"], rtol=1e-5)
     assert r["multi_param_rel"] < 1e-5, r
+    rand = r["random_positions"]  # [n, B, T] positions, split like the tokens
+    assert rand["spec"] == "P(None, 'data')"
+    np.testing.assert_allclose(rand["mesh"], rand["one"], rtol=1e-5)
+    assert not np.allclose(rand["one"], r["losses"])  # the positions did change the losses
 
 
 def test_layouts(parallel_result):

@@ -263,6 +263,39 @@ def test_steps_per_call_trains_like_one_step_per_call(ws):
     assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-5
 
 
+def test_resume_between_call_boundaries(ws, monkeypatch):
+    """A run stopped at step 11 (one step per call) resumes with 2 steps per call: one
+    1-step call to the boundary at 12, then 2-step calls; it ends where an uninterrupted
+    2-steps-per-call run ends (to fp32 rounding: different compiled call lengths)."""
+    base = ws.args + ["train.steps=16", "train.log_every=4", "train.checkpoint_every=10",
+                      "eval.modes=[nonoverlap]"]
+    ref = train_lib.train(compose_train(base + ["train.steps_per_call=2"]), ws.root / "k2")
+    save = train_lib.Checkpoints.save
+
+    def save_then_signal(self, step, state, meta):
+        save(self, step, state, meta)
+        if step == 10:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    parts = ws.root / "k1_then_k2"
+    monkeypatch.setattr(train_lib.Checkpoints, "save", save_then_signal)
+    with pytest.raises(train_lib.Preempted) as stop:
+        train_lib.train(compose_train(base + ["train.steps_per_call=1"]), parts)
+    assert stop.value.step == 11
+    monkeypatch.setattr(train_lib.Checkpoints, "save", save)
+    out = train_lib.train(compose_train(base + ["train.steps_per_call=2"]), parts)
+    rows = {r["step"]: r for r in map(json.loads, (parts / "metrics.jsonl").read_text()
+                                      .splitlines()) if "loss" in r}
+    ref_rows = {r["step"]: r for r in map(json.loads, (ws.root / "k2" / "metrics.jsonl")
+                                          .read_text().splitlines()) if "loss" in r}
+    assert sorted(rows) == [4, 8, 10, 11, 12, 16] and sorted(ref_rows) == [4, 8, 10, 12, 16]
+    np.testing.assert_allclose([rows[s]["loss"] for s in (12, 16)],
+                               [ref_rows[s]["loss"] for s in (12, 16)], rtol=1e-5)
+    np.testing.assert_allclose([e["loss"] for e in out["eval"]], [e["loss"] for e in ref["eval"]],
+                               rtol=1e-5)
+    assert out["train_seconds"] > 0 and out["train_tokens_per_second"] > 0
+
+
 # ----------------------------------------------------------------------------- protocol
 
 
