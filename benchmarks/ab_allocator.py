@@ -3,7 +3,8 @@
 Each side is a fresh subprocess (``LD_PRELOAD`` must be set before the process starts),
 alternating glibc / preload for ``--rounds``; in each process one scheme's ``small``
 training step is timed at one step per compiled call and at ``--steps-per-call`` N
-(best of 3 timings of N steps, after N untimed). Prints and writes the median per side.
+(best of 3 alternating timings of N steps, after N untimed: ``relpos.bench.time_rounds``).
+Prints and writes the median per side.
 
     python benchmarks/ab_allocator.py --out benchmarks/allocator-steps-per-call.json
 """
@@ -15,9 +16,9 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
+
+from ab_step import run_worker  # benchmarks/ is this script's sys.path[0]
 
 ROOT = Path(__file__).resolve().parents[1]
 TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
@@ -29,12 +30,10 @@ scheme, k, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 mcfg = bench.preset_config("small")
 cases = [bench.JaxCase(scheme, mcfg, batch=16, length=256, total_steps=1000,
                        steps_per_call=n) for n in (1, k)]
-for c in cases:
-    c.run(steps)
-    c.rusage = bench._Rusage()  # count the timed steps only
+times = bench.time_rounds(cases, steps=steps, warmup=steps, repeats=3, log=lambda _: None)
 out = {}
 for c in cases:
-    out[str(c.steps_per_call)] = min(c.run(steps) / steps for _ in range(3)) * 1000
+    out[str(c.steps_per_call)] = min(times[c.name]) / steps * 1000
     out[f"faults_{c.steps_per_call}"] = c.rusage.per_step()["minor_faults_per_step"]
 print("RESULT" + json.dumps(out))
 """
@@ -55,13 +54,8 @@ def main(argv=None) -> None:
     runs = {name: [] for name in sides}
     for r in range(args.rounds):
         for name, extra in sides.items():
-            proc = subprocess.run([sys.executable, "-c", WORKER, args.scheme, str(k), str(k)],
-                                  env=dict(os.environ, **extra), cwd=ROOT, capture_output=True,
-                                  text=True, check=False)
-            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT")]
-            if not line:
-                raise SystemExit(f"worker failed ({name}):\n{proc.stderr[-2000:]}")
-            runs[name].append(json.loads(line[0][6:]))
+            runs[name].append(run_worker(WORKER, [args.scheme, str(k), str(k)],
+                                         env=dict(os.environ, **extra), cwd=ROOT, what=name))
             print(f"round {r + 1} {name}: {runs[name][-1]}", flush=True)
     median = {name: {key: statistics.median(d[key] for d in rs) for key in rs[0]}
               for name, rs in runs.items()}

@@ -38,15 +38,20 @@ print("RESULT" + json.dumps(out))
 """
 
 
-def run_side(tree: Path, args) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(tree))
-    proc = subprocess.run([sys.executable, "-c", WORKER, args.schemes, str(args.steps),
-                           str(args.batch), str(args.length), args.preset],
-                          env=env, cwd=tree, capture_output=True, text=True, check=False)
+def run_worker(code: str, argv: list[str], *, env: dict, cwd: Path, what: str) -> dict:
+    """Run ``python -c code *argv`` and return the JSON of its ``RESULT...`` line."""
+    proc = subprocess.run([sys.executable, "-c", code, *argv], env=env, cwd=cwd,
+                          capture_output=True, text=True, check=False)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT"):
             return json.loads(line[6:])
-    raise SystemExit(f"worker failed in {tree}:\n{proc.stderr[-2000:]}")
+    raise SystemExit(f"worker failed ({what}):\n{proc.stderr[-2000:]}")
+
+
+def run_side(tree: Path, args) -> dict:
+    return run_worker(WORKER, [args.schemes, str(args.steps), str(args.batch),
+                               str(args.length), args.preset],
+                      env=dict(os.environ, PYTHONPATH=str(tree)), cwd=tree, what=str(tree))
 
 
 def main(argv=None) -> None:

@@ -425,7 +425,7 @@ def _train(cfg, run_dir: Path, closing: contextlib.ExitStack) -> dict[str, Any]:
              n_params, name, per_call)
     metrics = closing.enter_context(contextlib.closing(
         MetricLogger(run_dir, hparams=_hparams(cfg), enable_tb=True)))
-    fixed_positions = np.arange(t.length, dtype=np.int32)
+    fixed_positions = jnp.arange(t.length, dtype=jnp.int32)  # on device once
 
     def batch_at(step):
         tokens = data_lib.train_batch(corpus.train, seed=cfg.seed, step=step,
