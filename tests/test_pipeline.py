@@ -122,6 +122,12 @@ def assert_trees_equal(a, b) -> None:
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def loss_rows(run_dir: Path) -> list[dict]:
+    """The training rows (those with a loss) of a run's metrics.jsonl, in order."""
+    rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    return [r for r in rows if "loss" in r]
+
+
 def eval_by_key(results: dict) -> dict:
     return {(e["mode"], e["length"]): e for e in results["eval"]}
 
@@ -248,9 +254,7 @@ def test_steps_per_call_trains_like_one_step_per_call(ws):
     for k in (1, 4):
         out = train_lib.train(compose_train(base + [f"train.steps_per_call={k}"]),
                               ws.root / f"k{k}")
-        rows = [json.loads(line) for line in (ws.root / f"k{k}" / "metrics.jsonl")
-                .read_text().splitlines()]
-        runs[k] = (out, [r for r in rows if "loss" in r], restore_state(ws.root / f"k{k}", 14))
+        runs[k] = (out, loss_rows(ws.root / f"k{k}"), restore_state(ws.root / f"k{k}", 14))
     (ref, ref_rows, ref_state), (got, got_rows, got_state) = runs[1], runs[4]
     assert [r["step"] for r in got_rows] == [r["step"] for r in ref_rows] == [4, 8, 12, 14]
     np.testing.assert_allclose([r["loss"] for r in got_rows], [r["loss"] for r in ref_rows],
@@ -284,10 +288,8 @@ def test_resume_between_call_boundaries(ws, monkeypatch):
     assert stop.value.step == 11
     monkeypatch.setattr(train_lib.Checkpoints, "save", save)
     out = train_lib.train(compose_train(base + ["train.steps_per_call=2"]), parts)
-    rows = {r["step"]: r for r in map(json.loads, (parts / "metrics.jsonl").read_text()
-                                      .splitlines()) if "loss" in r}
-    ref_rows = {r["step"]: r for r in map(json.loads, (ws.root / "k2" / "metrics.jsonl")
-                                          .read_text().splitlines()) if "loss" in r}
+    rows = {r["step"]: r for r in loss_rows(parts)}
+    ref_rows = {r["step"]: r for r in loss_rows(ws.root / "k2")}
     assert sorted(rows) == [4, 8, 10, 11, 12, 16] and sorted(ref_rows) == [4, 8, 10, 12, 16]
     np.testing.assert_allclose([rows[s]["loss"] for s in (12, 16)],
                                [ref_rows[s]["loss"] for s in (12, 16)], rtol=1e-5)
