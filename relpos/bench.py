@@ -56,6 +56,7 @@ import numpy as np
 from flax import nnx
 
 from relpos import positions
+from relpos.attention import IMPLS, choose_impl
 from relpos.io import atomic_write_json
 from relpos.model import DTYPES, ModelConfig, TransformerLM
 
@@ -165,6 +166,9 @@ class JaxCase:
         model = TransformerLM(mcfg, scheme, scheme_options(scheme, length),
                               rngs=nnx.Rngs(params=seed))
         self.params_total = int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+        self.attention = choose_impl(mcfg.attn_impl, length=length, dtype=DTYPES[mcfg.dtype],
+                                     dense_max_len=mcfg.dense_max_len,
+                                     learned_bias=model._learned_bias())
         graphdef, params = nnx.split(model, nnx.Param)
         tx, _ = make_optimizer(OptimSection(), total_steps, params)
         self.state = (params, tx.init(params), fresh_guard())
@@ -203,7 +207,8 @@ class JaxCase:
 
     def summary(self) -> dict:
         guard = self.state[2]
-        return {"compile_s": self.compile_s, "xla_flops_per_step": self.xla_flops,
+        return {"attention": self.attention, "compile_s": self.compile_s,
+                "xla_flops_per_step": self.xla_flops,
                 "xla_memory": self.xla_memory, "params": self.params_total,
                 "final_loss": float(self.metrics["loss"]) if self.metrics else None,
                 "skipped_steps": int(guard["skipped"]), **self.rusage.per_step()}
@@ -427,6 +432,10 @@ def bench_training(args, mcfg: ModelConfig, peak: dict, log=print) -> dict:
     rows = train_rows(times, all_cases, steps=args.steps, tokens_per_step=tokens_per_step,
                       flops_per_step=per_token * tokens_per_step,
                       peak_flops=peak["gflops"] * 1e9)
+    if args.spec_peak_tflops:
+        spec = args.spec_peak_tflops * 1e12
+        for r in rows:
+            r["mfu_spec"] = per_token * tokens_per_step / r["step_s"] / spec
     out_rows = rows[:len(cases)]
     flops = {"convention": FLOP_CONVENTION, "causal_half_discounted": False,
              "non_embedding_params": n, "flops_per_token": per_token,
@@ -589,19 +598,23 @@ def format_train_table(result: dict) -> str:
              f"{'/'.join(map(str, result['config']['steps_per_call']))} steps per call; "
              f"median)",
              f"{'scheme':<22}{'tokens/s':>10}{'step ms':>9}{'MFU %':>7}{'x none':>8}"
-             f"{'compile s':>10}{'XLA GF/step':>12}"]
+             f"{'compile s':>10}{'XLA GF/step':>12}  attention"]
     rows = t["rows"] + ([t["peer"]] if t["peer"].get("available") else [])
     for r in rows:
         xla = r.get("xla_flops_per_step")
         lines.append(f"{r['scheme']:<22}{r['tokens_per_s']:>10,.0f}{r['step_s'] * 1e3:>9.0f}"
                      f"{r['mfu'] * 100:>7.1f}{r['ratio_to_none']:>8.2f}"
                      f"{_fmt(r.get('compile_s'), '.1f'):>10}"
-                     f"{_fmt(xla / 1e9 if xla else None, '.1f'):>12}")
+                     f"{_fmt(xla / 1e9 if xla else None, '.1f'):>12}  {r.get('attention', '-')}")
     p = result["matmul_peak"]
     f = t["flops"]
     lines.append(f"MFU against measured {p['dtype']} matmul peak {p['gflops']:.1f} GFLOP/s "
                  f"(n={p['n']}); model FLOPs/step {f['flops_per_step'] / 1e9:.1f} G "
                  f"(6N + 12LTd, N={f['non_embedding_params']:,}, causal half not discounted)")
+    spec = result["config"].get("spec_peak_tflops")
+    if spec:
+        lines.append("MFU against the data-sheet peak of " f"{spec:g} TFLOP/s: " + ", ".join(
+            f"{r['scheme']} {r['mfu_spec'] * 100:.1f}%" for r in t["rows"]))
     peer = t["peer"]
     if peer.get("requested"):
         if peer.get("available") and "relpos_alibi_speedup" in peer:
@@ -682,6 +695,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "times every scheme at each, in the same rounds")
     p.add_argument("--repeats", type=int, default=3, help="round-robin timing rounds")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--attn-impl", default="auto", choices=IMPLS,
+                   help="training attention path (model.attn_impl; auto: cuDNN on GPU in "
+                        "half precision for fixed biases, dense otherwise)")
+    p.add_argument("--spec-peak-tflops", type=float, default=None,
+                   help="also report MFU against this data-sheet peak (e.g. 989 for an "
+                        "H100 SXM in dense bf16)")
     p.add_argument("--length", type=int, default=256, help="training length T")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
@@ -723,13 +742,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run(args, log=print) -> dict:
-    mcfg = preset_config(args.preset, dtype=args.dtype)
+    mcfg = preset_config(args.preset, dtype=args.dtype, attn_impl=args.attn_impl)
     result = {
         "tool": "relpos-bench", "schema": 1,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "host": host_info(),
         "config": {"preset": args.preset, "model": dataclasses.asdict(mcfg),
                    "batch": args.batch, "length": args.length, "dtype": args.dtype,
+                   "attn_impl": args.attn_impl, "spec_peak_tflops": args.spec_peak_tflops,
                    "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
                    "steps_per_call": args.steps_per_call,
                    "seed": args.seed, "data": "uniform random byte tokens (fixed batch)"},
