@@ -18,25 +18,28 @@ Where the bias goes (REFERENCES.md): the papers' convention ``q.k * scale + b``
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Bias = jax.Array | Callable[[jax.Array, jax.Array], jax.Array] | None
 IMPLS = ("auto", "dense", "blockwise", "cudnn")
 
 
 def choose_impl(impl: str, *, length: int, dtype, dense_max_len: int,
-                learned_bias: bool = False) -> str:
+                learned_bias: bool = False, batched_bias: bool = False) -> str:
     """Resolve ``auto``: blockwise beyond ``dense_max_len`` keys (dense memory is
     quadratic in length); otherwise cuDNN on GPU for half precision, dense elsewhere.
 
-    A *learned* bias (offset, T5, KERPLE, FIRE) stays off the cuDNN path under ``auto``:
-    its training depends on cuDNN's bias gradient, which JAX has returned as zero or
-    restricted to batch size 1 in several releases (jax-ml/jax#27184, #30593). Ask for
-    ``impl="cudnn"`` explicitly to use it anyway (tests/test_attention.py checks the
-    gradient on a GPU).
+    A *learned* bias (offset, T5, KERPLE, FIRE) trains through cuDNN's bias gradient,
+    which JAX has returned as zero or restricted to batch size 1 in some releases
+    (jax-ml/jax#27184, #30593). So under ``auto`` it takes the cuDNN path only if
+    :func:`cudnn_bias_grad_ok` (a check run once per process on a small case, for a
+    bias shared by the batch or one per example as ``batched_bias`` says) finds the
+    gradient equal to the dense path's; otherwise dense. ``impl="cudnn"`` skips the check.
     """
     if impl not in IMPLS:
         raise ValueError(f"attention impl must be one of {', '.join(IMPLS)}; got {impl!r}")
@@ -45,9 +48,43 @@ def choose_impl(impl: str, *, length: int, dtype, dense_max_len: int,
     if length > dense_max_len:
         return "blockwise"
     if (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-            and not learned_bias):
+            and (not learned_bias or cudnn_bias_grad_ok(batched_bias))):
         return "cudnn"
     return "dense"
+
+
+@functools.cache
+def cudnn_bias_grad_ok(batched: bool) -> bool:
+    """Whether cuDNN attention returns the bias gradient of the dense path on this
+    JAX, cuDNN and GPU (checked once per process and bias layout; False on error)."""
+    return bias_grad_matches(cudnn_attention, batched=batched, dtype=jnp.bfloat16)
+
+
+def bias_grad_matches(attend, *, batched: bool, dtype=jnp.bfloat16,
+                      b: int = 2, t: int = 128, h: int = 4, d: int = 64) -> bool:
+    """Compare ``d/d bias`` of ``sum(attend(q, k, v, bias=...) * w)`` (inputs in
+    ``dtype``) with the fp32 dense path on a small causal case: True if it is finite,
+    not all zero and within 5% of the reference's largest entry. Evaluated eagerly
+    even while a caller is being traced (``jax.ensure_compile_time_eval``)."""
+    try:
+        with jax.ensure_compile_time_eval():
+            keys = jax.random.split(jax.random.key(0), 5)
+            q, k, v, w = (jax.random.normal(kx, (b, t, h, d), jnp.float32) for kx in keys[:4])
+            bias = 0.1 * jax.random.normal(keys[4], ((b,) if batched else ()) + (h, t, t))
+            pos = jnp.arange(t)
+
+            def loss(bias, fn, dt):
+                out = fn(q.astype(dt), k.astype(dt), v.astype(dt), bias=bias, q_pos=pos,
+                         k_pos=pos, scale=d ** -0.5)
+                return (out.astype(jnp.float32) * w).sum()
+
+            ref = np.asarray(jax.grad(loss)(bias, dense_attention, jnp.float32))
+            got = np.asarray(jax.grad(loss)(bias, attend, dtype), np.float32)
+    except Exception:  # noqa: BLE001 - an unsupported layout or a cuDNN error: not usable
+        return False
+    tol = 0.05 * float(np.abs(ref).max())
+    return bool(np.isfinite(got).all() and np.abs(got).max() > 0
+                and np.abs(got - ref).max() <= tol)
 
 
 def evaluate_bias(bias: Bias, q_pos: jax.Array, k_pos: jax.Array) -> jax.Array | None:

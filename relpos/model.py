@@ -133,7 +133,8 @@ class TransformerLM(nnx.Module):
             x = x + self.position.embed(positions).astype(x.dtype)
         rotate = self.position.rotate if _has(self.position, "rotate") else None
         impl = choose_impl(impl or cfg.attn_impl, length=t, dtype=x.dtype,
-                           dense_max_len=cfg.dense_max_len, learned_bias=self._learned_bias())
+                           dense_max_len=cfg.dense_max_len, learned_bias=self._learned_bias(),
+                           batched_bias=positions.ndim == 2)
         attn_kw = dict(bias_inside_scale=cfg.bias_inside_scale, impl=impl,
                        block_size=cfg.block_size, dense_max_len=cfg.dense_max_len)
         shared_bias = None

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import relpos.attention as A
 from relpos.attention import (
     add_batch_shared,
     blockwise_attention,
@@ -166,17 +167,52 @@ def test_choose_impl():
         choose_impl("flash", length=1, dtype=jnp.float32, dense_max_len=1)
 
 
-def test_auto_keeps_learned_biases_off_cudnn(monkeypatch):
-    """On a GPU in bf16, auto picks cuDNN only when no bias gradient is needed."""
-    import relpos.attention as A
-
+def test_auto_sends_learned_biases_to_cudnn_only_if_its_gradient_checks_out(monkeypatch):
+    """On a GPU in bf16, auto picks cuDNN for a learned bias only when the bias-gradient
+    check passes for that bias layout (shared or per example)."""
     monkeypatch.setattr(A.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(A, "cudnn_bias_grad_ok", lambda batched: not batched)
     kw = dict(length=512, dtype=jnp.bfloat16, dense_max_len=2048)
     assert choose_impl("auto", learned_bias=False, **kw) == "cudnn"
-    assert choose_impl("auto", learned_bias=True, **kw) == "dense"
+    assert choose_impl("auto", learned_bias=False, batched_bias=True, **kw) == "cudnn"
+    assert choose_impl("auto", learned_bias=True, **kw) == "cudnn"
+    assert choose_impl("auto", learned_bias=True, batched_bias=True, **kw) == "dense"
     assert choose_impl("auto", learned_bias=False, length=512, dtype=jnp.float32,
                        dense_max_len=2048) == "dense"
-    assert choose_impl("cudnn", learned_bias=True, **kw) == "cudnn"
+    assert choose_impl("cudnn", learned_bias=True, batched_bias=True, **kw) == "cudnn"
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_bias_grad_check_accepts_a_correct_gradient_and_rejects_broken_ones(batched):
+    """The check behind auto's cuDNN choice, with stand-ins for cuDNN: the dense path in
+    bf16 passes; a zero, a wrong and a failing bias gradient do not; and the check runs
+    eagerly inside a jit trace (auto is resolved while the model is traced)."""
+    from relpos.attention import bias_grad_matches, dense_attention
+
+    def zero_grad(q, k, v, *, bias, **kw):
+        return dense_attention(q, k, v, bias=jax.lax.stop_gradient(bias), **kw)
+
+    def half_grad(q, k, v, *, bias, **kw):  # right value, gradient scaled by 1/2
+        b = 0.5 * bias + jax.lax.stop_gradient(0.5 * bias)
+        return dense_attention(q, k, v, bias=b, **kw)
+
+    def fails(q, k, v, **kw):
+        raise NotImplementedError("no dbias for this layout")
+
+    kw = dict(batched=batched, t=64, h=2, d=32)
+    assert bias_grad_matches(dense_attention, **kw)
+    assert not bias_grad_matches(zero_grad, **kw)
+    assert not bias_grad_matches(half_grad, **kw)
+    assert not bias_grad_matches(fails, **kw)
+    seen = []
+
+    @jax.jit
+    def traced(x):
+        seen.append(bias_grad_matches(dense_attention, **kw))
+        return x
+
+    traced(jnp.ones(()))
+    assert seen == [True]
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN path needs a GPU")
@@ -210,3 +246,29 @@ def test_cudnn_bias_gradient_matches_dense():
     got = jax.grad(loss)(bias, "cudnn", jnp.bfloat16)
     assert np.abs(np.asarray(got)).max() > 0
     np.testing.assert_allclose(got, ref, atol=0.05 * float(np.abs(np.asarray(ref)).max()))
+    assert A.cudnn_bias_grad_ok(False)  # so auto sends a shared learned bias to cuDNN
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN path needs a GPU")
+@pytest.mark.gpu
+def test_cudnn_bias_grad_check_agrees_for_per_example_biases():
+    """Per-example biases ([B, H, T, T], randomized positions): auto's check must agree
+    with a direct comparison on another case (3 examples, 256 positions)."""
+    q, k, v = rand_qkv(b=3, t=256, h=4, d=64)
+    pos = jnp.arange(256)
+    bias = 0.1 * jax.random.normal(jax.random.key(9), (3, 4, 256, 256))
+    w = jax.random.normal(jax.random.key(10), (3, 256, 4, 64))
+
+    def loss(b, impl, dtype):
+        out = causal_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), q_pos=pos,
+                               k_pos=pos, bias=b, impl=impl)
+        return (out.astype(jnp.float32) * w).sum()
+
+    ref = np.asarray(jax.grad(loss)(bias, "dense", jnp.float32))
+    try:
+        got = np.asarray(jax.grad(loss)(bias, "cudnn", jnp.bfloat16), np.float32)
+        direct = bool(np.abs(got).max() > 0
+                      and np.abs(got - ref).max() <= 0.05 * np.abs(ref).max())
+    except Exception:  # noqa: BLE001 - unsupported layout
+        direct = False
+    assert A.cudnn_bias_grad_ok(True) == direct
