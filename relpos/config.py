@@ -108,6 +108,10 @@ class OptimSection:
     # AdamW's decay pulls rarely trained table rows (the largest offsets) towards zero,
     # which confounds the extrapolation study; off by default, as for norms and biases.
     decay_position_tables: bool = False
+    # Learning rate of the position scheme's parameters = lr * position_lr_scale. Adam
+    # moves a parameter by at most ~lr per step, so a short run caps how far a learned
+    # bias (an offset or T5 table entry) can move; T5 itself trained far longer.
+    position_lr_scale: float = 1.0
 
 
 @dataclass

@@ -24,9 +24,11 @@ import numpy as np
 import optax
 from flax import nnx
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from relpos import data as data_lib
 from relpos import evaluate as eval_lib
+from relpos.config import TrainConfig
 from relpos.errors import RelposError
 from relpos.io import atomic_write_json, atomic_write_text
 from relpos.model import TransformerLM, count_params
@@ -98,17 +100,30 @@ def decay_mask(params, decay_tables: bool):
     return jax.tree.map(want, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def position_mask(params):
+    """True for the position scheme's parameters (the model's ``position`` and
+    ``layer_positions`` modules), False for the rest."""
+    def owner(path, _):
+        return getattr(path[0], "key", None) in ("position", "layer_positions")
+
+    return jax.tree_util.tree_map_with_path(owner, params)
+
+
 def make_optimizer(ocfg, steps: int, params) -> tuple[optax.GradientTransformation, Any]:
     warmup = min(ocfg.warmup_steps, max(steps - 1, 0))
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=ocfg.lr, warmup_steps=warmup,
         decay_steps=max(steps, warmup + 1), end_value=ocfg.lr * ocfg.min_lr_ratio)
-    return optax.chain(
+    parts = [
         optax.clip_by_global_norm(ocfg.clip_norm),
         optax.adamw(schedule, b1=ocfg.b1, b2=ocfg.b2, eps=ocfg.eps,
                     weight_decay=ocfg.weight_decay,
                     mask=decay_mask(params, ocfg.decay_position_tables)),
-    ), schedule
+    ]
+    scale = ocfg.position_lr_scale
+    if scale != 1.0:  # Adam's update is ~lr per step: scaling it scales the lr
+        parts.append(optax.masked(optax.scale(scale), position_mask(params)))
+    return optax.chain(*parts), schedule
 
 
 def lm_loss(model, tokens, positions):
@@ -284,6 +299,7 @@ def check_train_config(cfg) -> None:
         raise RelposError(str(e)) from None
     model_config(cfg.model, cfg.model.vocab_size or 1).validate()  # vocab: tokenizer's, later
     check_positive_float("optim.lr", cfg.optim.lr)
+    check_positive_float("optim.position_lr_scale", cfg.optim.position_lr_scale)
 
 
 AUTO_STEPS_PER_CALL = 10
@@ -301,7 +317,8 @@ def steps_per_call(t, backend: str | None = None) -> int:
     """``train.steps_per_call``, or for null (auto) on CPU the largest number up to
     :data:`AUTO_STEPS_PER_CALL` that divides every host interval (so no call runs past
     a log, checkpoint or evaluation step; log_every 50 and checkpoint_every 200 -> 10),
-    and 1 on other backends (not measured there; set it explicitly to try)."""
+    and 1 on other backends: on an H100 the trainer ran 0.70x as fast at 10 per call
+    (benchmarks/README.md), though relpos-bench's step alone gains 1-8% there."""
     if t.steps_per_call is not None:
         return t.steps_per_call
     if (backend or jax.default_backend()) != "cpu":
@@ -321,6 +338,10 @@ def check_resume_compatible(run_dir: Path, cfg) -> None:
             ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())):
         return  # nothing to resume (e.g. an earlier attempt stopped at a start-up check)
     saved = OmegaConf.load(saved_path)
+    try:  # a key added to the schema after the run was saved reads as its default
+        saved = OmegaConf.merge(OmegaConf.structured(TrainConfig), saved)
+    except OmegaConfBaseException:  # a key the schema no longer has: compare as saved
+        pass
     # The saved config is resolved (offset size: ${train.length} -> 128): compare alike.
     current = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     diff = []

@@ -56,6 +56,9 @@ CASES = {
     "unknown_key": Case(["train.foo=1"], "Key 'foo' not in 'TrainSection'", hydra=True),
     "d_model_zero": Case(["model.d_model=0"], "model.d_model must be an integer >= 1, got 0"),
     "steps_negative": Case(["train.steps=-1"], "train.steps must be an integer >= 1, got -1"),
+    "position_lr_scale_zero": Case(["optim.position_lr_scale=0"],
+                                   "optim.position_lr_scale must be a positive finite number, "
+                                   "got 0"),
     "heads_not_dividing": Case(["model.num_heads=3"],
                                "model.num_heads=3 must divide model.d_model=32"),
     "nonfinite_policy": Case(["train.on_nonfinite=ignore"],

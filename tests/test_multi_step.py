@@ -16,8 +16,10 @@ from relpos.model import ModelConfig, TransformerLM
 from relpos.train import (
     check_train_config,
     fresh_guard,
+    lm_loss,
     make_optimizer,
     make_train_step,
+    position_mask,
     steps_per_call,
 )
 
@@ -118,4 +120,28 @@ def test_auto_steps_per_call_divides_every_host_interval(log, ckpt, ev, expected
     assert cfg.train.steps_per_call is None  # the default is auto
     check_train_config(cfg)
     assert steps_per_call(cfg.train) == expected
-    assert steps_per_call(cfg.train, backend="gpu") == 1  # not measured off CPU
+    assert steps_per_call(cfg.train, backend="gpu") == 1  # slower in the trainer on an H100
+
+
+@pytest.mark.parametrize("scheme,share", [("t5", True), ("fire", False)])
+def test_position_lr_scale_scales_only_the_position_schemes_updates(scheme, share):
+    """optim.position_lr_scale=k: after one AdamW step the position parameters (T5 table,
+    shared; FIRE MLP, one per layer) moved exactly k times as far as with k=1, every other
+    parameter the same distance."""
+    cfg = ModelConfig(d_model=32, num_layers=2, num_heads=2, share_position=share)
+    model = TransformerLM(cfg, scheme, rngs=nnx.Rngs(params=0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    tokens = jax.random.randint(jax.random.key(1), (2, 17), 0, cfg.vocab_size)
+    grads = jax.grad(lambda p: lm_loss(nnx.merge(graphdef, p), tokens, jnp.arange(16)))(params)
+    mask = position_mask(params)
+    owners = {jax.tree_util.keystr(path[:1]) for path, m in
+              jax.tree_util.tree_leaves_with_path(mask) if m}
+    assert owners == ({"['position']"} if share else {"['position']", "['layer_positions']"})
+    moved = {}
+    for k in (1.0, 10.0):
+        tx, _ = make_optimizer(OptimSection(warmup_steps=0, position_lr_scale=k), 10, params)
+        moved[k], _ = tx.update(grads, tx.init(params), params)
+    for m, a, b in zip(jax.tree.leaves(mask), jax.tree.leaves(moved[1.0]),
+                       jax.tree.leaves(moved[10.0])):
+        np.testing.assert_allclose(b, (10.0 if m else 1.0) * np.asarray(a), rtol=1e-6)
+        assert np.abs(np.asarray(a)).max() > 0

@@ -308,6 +308,19 @@ def test_resume_check_compares_resolved_config_once_a_checkpoint_exists(ws, tmp_
             "bias=offset", "model.block_size=64", "model.d_model=64"]))
 
 
+def test_a_run_saved_before_a_config_key_existed_still_resumes(ws, tmp_path):
+    """optim.position_lr_scale came after some runs were saved: their config lacks it and
+    reads as the default (1.0), so they resume; another value is a different run."""
+    cfg = compose_train(ws.args)
+    old = OmegaConf.to_container(cfg, resolve=True)
+    del old["optim"]["position_lr_scale"]
+    (tmp_path / "relpos_config.yaml").write_text(OmegaConf.to_yaml(old))
+    (tmp_path / "checkpoints" / "10").mkdir(parents=True)
+    check_resume_compatible(tmp_path, cfg)
+    with pytest.raises(RelposError, match=r"different configuration \(optim.position_lr_scale\)"):
+        check_resume_compatible(tmp_path, compose_train(ws.args + ["optim.position_lr_scale=2"]))
+
+
 def test_metrics_after_a_cut_row_start_on_a_fresh_line(tmp_path):
     from relpos.logging_utils import MetricLogger
 
