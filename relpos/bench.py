@@ -671,12 +671,13 @@ def host_info() -> dict:
 # ----------------------------------------------------------------------------- CLI
 
 
-def _csv(kind):
+def _csv(kind, off=("", "none", "off")):
+    """Comma-separated values; any of ``off`` alone gives an empty list."""
     def parse(text: str):
         text = text.strip()
-        if text.lower() in ("", "none", "off"):
+        if text.lower() in off:
             return []
-        return [kind(x) for x in text.split(",") if x.strip()]
+        return [kind(x.strip()) for x in text.split(",") if x.strip()]
 
     return parse
 
@@ -685,7 +686,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="relpos-bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="small", choices=model_presets())
-    p.add_argument("--schemes", type=_csv(str), default=None,
+    p.add_argument("--schemes", type=_csv(str, off=()), default=None,  # "none": the scheme
                    help="comma-separated; default: all of relpos.positions.available()")
     p.add_argument("--steps", type=int, default=10, help="timed steps per round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")

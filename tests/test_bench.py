@@ -85,3 +85,9 @@ def test_steps_per_call_must_divide_the_timed_steps():
 def test_unknown_scheme_is_a_usage_error():
     with pytest.raises(SystemExit):
         bench.parse_args(["--schemes", "alibi,nope"])
+
+
+def test_schemes_none_is_the_none_scheme_not_an_empty_list():
+    assert bench.parse_args(["--schemes", "none"]).schemes == ["none"]
+    assert bench.parse_args(["--schemes", "none, alibi"]).schemes == ["none", "alibi"]
+    assert bench.parse_args(["--eval-lengths", "none"]).eval_lengths == []
