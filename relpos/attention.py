@@ -6,11 +6,13 @@
   Staats 2021), the bias computed per block from positions, key blocks entirely in the
   causal future skipped with ``lax.cond``; memory linear in sequence length;
 * ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")`` on GPU (bf16/fp16
-  inputs; the bias is passed as a dense ``[B|1, H, Tq, Tk]`` array).
+  inputs; the bias is passed as a dense ``[B|1, H, Tq, Tk]`` array in the input dtype,
+  and cuDNN's softmax accumulates in fp32).
 
 Causality is by *index* (key index <= query index, queries aligned to the last ``Tq``
 keys); positions feed only the position scheme, so sliding windows and randomized
-positions share one code path. Scores, bias and softmax are fp32 whatever the input dtype.
+positions share one code path. On the dense and blockwise paths scores, bias and softmax
+are fp32 whatever the input dtype.
 
 Where the bias goes (REFERENCES.md): the papers' convention ``q.k * scale + b``
 (``bias_inside_scale=False``, default) or the seed formula ``(q.k + b) * scale``.
@@ -19,6 +21,7 @@ Where the bias goes (REFERENCES.md): the papers' convention ``q.k * scale + b``
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 
 import jax
@@ -30,7 +33,8 @@ IMPLS = ("auto", "dense", "blockwise", "cudnn")
 
 
 def choose_impl(impl: str, *, length: int, dtype, dense_max_len: int,
-                learned_bias: bool = False, batched_bias: bool = False) -> str:
+                learned_bias: bool = False, batched_bias: bool = False,
+                head_dim: int = 64) -> str:
     """Resolve ``auto``: blockwise beyond ``dense_max_len`` keys (dense memory is
     quadratic in length); otherwise cuDNN on GPU for half precision, dense elsewhere.
 
@@ -38,8 +42,9 @@ def choose_impl(impl: str, *, length: int, dtype, dense_max_len: int,
     which JAX has returned as zero or restricted to batch size 1 in some releases
     (jax-ml/jax#27184, #30593). So under ``auto`` it takes the cuDNN path only if
     :func:`cudnn_bias_grad_ok` (a check run once per process on a small case, for a
-    bias shared by the batch or one per example as ``batched_bias`` says) finds the
-    gradient equal to the dense path's; otherwise dense. ``impl="cudnn"`` skips the check.
+    bias shared by the batch or one per example as ``batched_bias`` says, at the model's
+    ``head_dim``) finds the gradient equal to the dense path's; otherwise dense (with a
+    warning). ``impl="cudnn"`` skips the check.
     """
     if impl not in IMPLS:
         raise ValueError(f"attention impl must be one of {', '.join(IMPLS)}; got {impl!r}")
@@ -48,16 +53,23 @@ def choose_impl(impl: str, *, length: int, dtype, dense_max_len: int,
     if length > dense_max_len:
         return "blockwise"
     if (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-            and (not learned_bias or cudnn_bias_grad_ok(batched_bias))):
+            and (not learned_bias or cudnn_bias_grad_ok(batched_bias, head_dim))):
         return "cudnn"
     return "dense"
 
 
 @functools.cache
-def cudnn_bias_grad_ok(batched: bool) -> bool:
+def cudnn_bias_grad_ok(batched: bool, head_dim: int = 64) -> bool:
     """Whether cuDNN attention returns the bias gradient of the dense path on this
-    JAX, cuDNN and GPU (checked once per process and bias layout; False on error)."""
-    return bias_grad_matches(cudnn_attention, batched=batched, dtype=jnp.bfloat16)
+    JAX, cuDNN and GPU (checked once per process, bias layout and head size; False on
+    error)."""
+    ok = bias_grad_matches(cudnn_attention, batched=batched, dtype=jnp.bfloat16, d=head_dim)
+    if not ok:
+        logging.getLogger(__name__).warning(
+            "cuDNN's attention-bias gradient does not match the dense path on this JAX/GPU "
+            "(%s bias, head size %d): learned biases use dense attention",
+            "per-example" if batched else "shared", head_dim)
+    return ok
 
 
 def bias_grad_matches(attend, *, batched: bool, dtype=jnp.bfloat16,
@@ -78,7 +90,8 @@ def bias_grad_matches(attend, *, batched: bool, dtype=jnp.bfloat16,
                          k_pos=pos, scale=d ** -0.5)
                 return (out.astype(jnp.float32) * w).sum()
 
-            ref = np.asarray(jax.grad(loss)(bias, dense_attention, jnp.float32))
+            with jax.default_matmul_precision("highest"):  # no TF32 on GPU: a true fp32 reference
+                ref = np.asarray(jax.grad(loss)(bias, dense_attention, jnp.float32))
             got = np.asarray(jax.grad(loss)(bias, attend, dtype), np.float32)
     except Exception:  # noqa: BLE001 - an unsupported layout or a cuDNN error: not usable
         return False

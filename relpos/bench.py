@@ -56,7 +56,7 @@ import numpy as np
 from flax import nnx
 
 from relpos import positions
-from relpos.attention import IMPLS, choose_impl
+from relpos.attention import IMPLS
 from relpos.io import atomic_write_json
 from relpos.model import DTYPES, ModelConfig, TransformerLM
 
@@ -166,9 +166,7 @@ class JaxCase:
         model = TransformerLM(mcfg, scheme, scheme_options(scheme, length),
                               rngs=nnx.Rngs(params=seed))
         self.params_total = int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
-        self.attention = choose_impl(mcfg.attn_impl, length=length, dtype=DTYPES[mcfg.dtype],
-                                     dense_max_len=mcfg.dense_max_len,
-                                     learned_bias=model._learned_bias())
+        self.attention = model.attention_impl(length)
         graphdef, params = nnx.split(model, nnx.Param)
         tx, _ = make_optimizer(OptimSection(), total_steps, params)
         self.state = (params, tx.init(params), fresh_guard())
@@ -692,13 +690,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
     p.add_argument("--steps-per-call", type=_csv(int), default=[10],
                    help="training steps per compiled call (train.steps_per_call; 10 is what "
-                        "relpos-train picks for its default intervals); a list such as 1,10 "
-                        "times every scheme at each, in the same rounds")
+                        "relpos-train picks on CPU for its default intervals, 1 on GPU); a list "
+                        "such as 1,10 times every scheme at each, in the same rounds")
     p.add_argument("--repeats", type=int, default=3, help="round-robin timing rounds")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--attn-impl", default="auto", choices=IMPLS,
                    help="training attention path (model.attn_impl; auto: cuDNN on GPU in "
-                        "half precision for fixed biases, dense otherwise)")
+                        "half precision, for learned biases if cuDNN's bias gradient checks "
+                        "out; dense otherwise)")
     p.add_argument("--spec-peak-tflops", type=float, default=None,
                    help="also report MFU against this data-sheet peak (e.g. 989 for an "
                         "H100 SXM in dense bf16)")

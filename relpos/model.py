@@ -132,9 +132,7 @@ class TransformerLM(nnx.Module):
         if _has(self.position, "embed"):
             x = x + self.position.embed(positions).astype(x.dtype)
         rotate = self.position.rotate if _has(self.position, "rotate") else None
-        impl = choose_impl(impl or cfg.attn_impl, length=t, dtype=x.dtype,
-                           dense_max_len=cfg.dense_max_len, learned_bias=self._learned_bias(),
-                           batched_bias=positions.ndim == 2)
+        impl = self.attention_impl(t, batched=positions.ndim == 2, impl=impl)
         attn_kw = dict(bias_inside_scale=cfg.bias_inside_scale, impl=impl,
                        block_size=cfg.block_size, dense_max_len=cfg.dense_max_len)
         shared_bias = None
@@ -148,6 +146,15 @@ class TransformerLM(nnx.Module):
                 bias = shared_bias
             x = block(x, positions=positions, bias=bias, rotate=rotate, attn_kw=attn_kw)
         return self.ln_f(x)
+
+    def attention_impl(self, length: int, *, batched: bool = False,
+                       impl: str | None = None) -> str:
+        """The attention path a forward pass over ``length`` tokens takes (``auto``
+        resolved); ``batched``: positions per example ([B, T]) rather than shared."""
+        cfg = self.cfg
+        return choose_impl(impl or cfg.attn_impl, length=length, dtype=DTYPES[cfg.dtype],
+                           dense_max_len=cfg.dense_max_len, learned_bias=self._learned_bias(),
+                           batched_bias=batched, head_dim=cfg.head_dim)
 
     def _learned_bias(self) -> bool:
         scheme = self.position

@@ -171,7 +171,7 @@ def test_auto_sends_learned_biases_to_cudnn_only_if_its_gradient_checks_out(monk
     """On a GPU in bf16, auto picks cuDNN for a learned bias only when the bias-gradient
     check passes for that bias layout (shared or per example)."""
     monkeypatch.setattr(A.jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(A, "cudnn_bias_grad_ok", lambda batched: not batched)
+    monkeypatch.setattr(A, "cudnn_bias_grad_ok", lambda batched, head_dim: not batched)
     kw = dict(length=512, dtype=jnp.bfloat16, dense_max_len=2048)
     assert choose_impl("auto", learned_bias=False, **kw) == "cudnn"
     assert choose_impl("auto", learned_bias=False, batched_bias=True, **kw) == "cudnn"
@@ -180,6 +180,35 @@ def test_auto_sends_learned_biases_to_cudnn_only_if_its_gradient_checks_out(monk
     assert choose_impl("auto", learned_bias=False, length=512, dtype=jnp.float32,
                        dense_max_len=2048) == "dense"
     assert choose_impl("cudnn", learned_bias=True, batched_bias=True, **kw) == "cudnn"
+
+
+def test_model_asks_the_check_for_its_bias_layout_and_head_size(monkeypatch):
+    """The model resolves auto per forward: shared positions ([T]) ask about a shared
+    bias, per-example positions ([B, T], randomized positions) about per-example ones,
+    at the model's head size; a failed check sends the learned bias to dense."""
+    from flax import nnx
+
+    from relpos.model import ModelConfig, TransformerLM
+
+    asked, taken = [], []
+    monkeypatch.setattr(A.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(A, "cudnn_bias_grad_ok",
+                        lambda batched, head_dim: asked.append((batched, head_dim)) or batched)
+
+    def cudnn_stand_in(q, k, v, **kw):
+        taken.append("cudnn")
+        return A.dense_attention(q, k, v, **kw)
+
+    monkeypatch.setattr(A, "cudnn_attention", cudnn_stand_in)
+    cfg = ModelConfig(d_model=32, num_layers=1, num_heads=2, dtype="bfloat16")
+    model = TransformerLM(cfg, "t5", rngs=nnx.Rngs(params=0))
+    tokens = jnp.zeros((2, 8), jnp.int32)
+    model(tokens, jnp.arange(8))
+    assert asked == [(False, 16)] and taken == []
+    model(tokens, jnp.arange(16).reshape(2, 8))
+    assert asked[-1] == (True, 16) and taken == ["cudnn"]
+    assert model.attention_impl(8, batched=True) == "cudnn"
+    assert model.attention_impl(8) == "dense"
 
 
 @pytest.mark.parametrize("batched", [False, True])
@@ -253,22 +282,6 @@ def test_cudnn_bias_gradient_matches_dense():
 @pytest.mark.gpu
 def test_cudnn_bias_grad_check_agrees_for_per_example_biases():
     """Per-example biases ([B, H, T, T], randomized positions): auto's check must agree
-    with a direct comparison on another case (3 examples, 256 positions)."""
-    q, k, v = rand_qkv(b=3, t=256, h=4, d=64)
-    pos = jnp.arange(256)
-    bias = 0.1 * jax.random.normal(jax.random.key(9), (3, 4, 256, 256))
-    w = jax.random.normal(jax.random.key(10), (3, 256, 4, 64))
-
-    def loss(b, impl, dtype):
-        out = causal_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), q_pos=pos,
-                               k_pos=pos, bias=b, impl=impl)
-        return (out.astype(jnp.float32) * w).sum()
-
-    ref = np.asarray(jax.grad(loss)(bias, "dense", jnp.float32))
-    try:
-        got = np.asarray(jax.grad(loss)(bias, "cudnn", jnp.bfloat16), np.float32)
-        direct = bool(np.abs(got).max() > 0
-                      and np.abs(got - ref).max() <= 0.05 * np.abs(ref).max())
-    except Exception:  # noqa: BLE001 - unsupported layout
-        direct = False
+    with the same comparison on another case (3 examples, 256 positions)."""
+    direct = A.bias_grad_matches(A.cudnn_attention, batched=True, b=3, t=256, h=4, d=64)
     assert A.cudnn_bias_grad_ok(True) == direct

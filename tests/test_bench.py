@@ -33,9 +33,10 @@ def test_bench_main_writes_json(tmp_path, capsys):
     bench.main(["--preset", "tiny", "--steps", "2", "--warmup", "1", "--repeats", "1",
                 "--schemes", "alibi", "--eval-lengths", "512", "--peak-sizes", "256",
                 "--length", "64", "--batch", "4", "--peer", "--steps-per-call", "1,2",
-                "--out", str(out)])
+                "--attn-impl", "blockwise", "--spec-peak-tflops", "0.5", "--out", str(out)])
     printed = capsys.readouterr().out
     assert "tokens/s" in printed and "MFU" in printed and "blockwise" in printed
+    assert "MFU against the data-sheet peak of 0.5 TFLOP/s: none " in printed
     r = json.loads(out.read_text())
     assert r["matmul_peak"]["gflops"] > 0 and r["matmul_peak"]["dtype"] == "float32"
     flops = r["train"]["flops"]
@@ -50,6 +51,8 @@ def test_bench_main_writes_json(tmp_path, capsys):
             assert row[key] is not None, key
         assert row["skipped_steps"] == 0
         assert row["minor_faults_per_step"] >= 0 and row["sys_s_per_step"] >= 0
+        assert row["attention"] == "blockwise"  # --attn-impl reaches the model
+        assert row["mfu_spec"] == pytest.approx(row["mfu"] * r["matmul_peak"]["gflops"] / 500)
     assert rows["none"]["ratio_to_none"] == rows["none/k2"]["ratio_to_none"] == 1.0
     peer = r["train"]["peer"]
     assert peer["requested"] is True
