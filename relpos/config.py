@@ -110,7 +110,9 @@ class OptimSection:
     decay_position_tables: bool = False
     # Learning rate of the position scheme's parameters = lr * position_lr_scale. Adam
     # moves a parameter by at most ~lr per step, so a short run caps how far a learned
-    # bias (an offset or T5 table entry) can move; T5 itself trained far longer.
+    # bias (an offset or T5 table entry) can move; T5 itself trained far longer. The
+    # scale multiplies the whole AdamW update, so decoupled weight decay on those
+    # parameters (FIRE's MLP kernels; tables with decay_position_tables) scales too.
     position_lr_scale: float = 1.0
 
 

@@ -268,7 +268,7 @@ def evaluate_run(cfg) -> dict:
     saved = run_dir / "relpos_config.yaml"
     if not saved.exists():
         raise RelposError(f"{run_dir} is not a relpos run directory (no relpos_config.yaml)")
-    tcfg = OmegaConf.load(saved)
+    tcfg = train_lib.load_saved_config(saved)
     if cfg.bias_overrides:
         tcfg.bias = OmegaConf.merge(tcfg.bias, cfg.bias_overrides)
     check_eval_config(cfg.eval)

@@ -327,6 +327,25 @@ def steps_per_call(t, backend: str | None = None) -> int:
     return max(d for d in range(1, AUTO_STEPS_PER_CALL + 1) if g % d == 0)
 
 
+def default_label(scheme: str, optim) -> str:
+    """A run's label in plots when ``label`` is unset: the scheme, plus the position
+    learning-rate scale when it is not 1 (plots group runs by label)."""
+    k = optim.position_lr_scale
+    return scheme if k == 1 else f"{scheme} (position lr x{k:g})"
+
+
+def load_saved_config(path: Path):
+    """A run's saved ``relpos_config.yaml``. A key added to the schema after the run was
+    saved reads as its default (every such key's default keeps the earlier behaviour,
+    e.g. ``optim.position_lr_scale: 1.0``); a key the schema no longer has is kept as
+    saved."""
+    saved = OmegaConf.load(path)
+    try:
+        return OmegaConf.merge(OmegaConf.structured(TrainConfig), saved)
+    except OmegaConfBaseException:
+        return saved
+
+
 def _select(cfg, dotted: str):
     return OmegaConf.select(cfg, dotted)
 
@@ -337,11 +356,7 @@ def check_resume_compatible(run_dir: Path, cfg) -> None:
     if not saved_path.exists() or not (
             ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())):
         return  # nothing to resume (e.g. an earlier attempt stopped at a start-up check)
-    saved = OmegaConf.load(saved_path)
-    try:  # a key added to the schema after the run was saved reads as its default
-        saved = OmegaConf.merge(OmegaConf.structured(TrainConfig), saved)
-    except OmegaConfBaseException:  # a key the schema no longer has: compare as saved
-        pass
+    saved = load_saved_config(saved_path)
     # The saved config is resolved (offset size: ${train.length} -> 128): compare alike.
     current = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     diff = []
@@ -536,8 +551,9 @@ def _train(cfg, run_dir: Path, closing: contextlib.ExitStack) -> dict[str, Any]:
         "tokenizer": corpus.tokenizer, "dataset": corpus.name,
         "dataset_fingerprint": corpus.fingerprint, "params": n_params,
         "model": OmegaConf.to_container(cfg.model), "experiment": cfg.experiment,
-        "label": cfg.label or name,
+        "label": cfg.label or default_label(name, cfg.optim),
         "bias_options": opts,
+        "optim": OmegaConf.to_container(cfg.optim, resolve=True),
         "bias_convention": "inside_scale" if cfg.model.bias_inside_scale else "after_scale",
         "train_steps": t.steps, "train_tokens": t.steps * tokens_per_step,
         "train_seconds": round(train_seconds, 3),

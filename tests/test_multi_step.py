@@ -145,3 +145,11 @@ def test_position_lr_scale_scales_only_the_position_schemes_updates(scheme, shar
                        jax.tree.leaves(moved[10.0])):
         np.testing.assert_allclose(b, (10.0 if m else 1.0) * np.asarray(a), rtol=1e-6)
         assert np.abs(np.asarray(a)).max() > 0
+
+
+def test_default_label_names_a_scaled_position_lr():
+    from relpos.train import default_label
+
+    assert default_label("t5", OptimSection()) == "t5"
+    assert default_label("t5", OptimSection(position_lr_scale=10.0)) == "t5 (position lr x10)"
+    assert default_label("fire", OptimSection(position_lr_scale=0.5)) == "fire (position lr x0.5)"

@@ -35,7 +35,7 @@ from relpos.config import config_dir, register_schemas
 register_schemas()
 
 RESULT_KEYS = {"bias", "train_length", "seed", "tokenizer", "dataset", "params", "train_tokens",
-               "train_seconds", "train_tokens_per_second", "eval"}
+               "train_seconds", "train_tokens_per_second", "eval", "optim", "label"}
 EVAL_KEYS = {"length", "mode", "loss", "ppl", "bits_per_token", "tokens"}
 
 
@@ -146,6 +146,7 @@ def test_train_writes_every_output_and_eval_reproduces_it(ws):
     assert RESULT_KEYS <= set(res)
     assert (res["bias"], res["train_length"], res["seed"]) == ("alibi", 16, 0)
     assert (res["tokenizer"], res["dataset"]) == ("bytes", "text_files")
+    assert res["label"] == "alibi" and res["optim"]["position_lr_scale"] == 1.0
     assert isinstance(res["params"], int) and res["params"] > 0
     assert res["train_tokens"] == 30 * 8 * 16
     assert res["train_seconds"] > 0 and res["train_tokens_per_second"] > 0

@@ -321,6 +321,18 @@ def test_a_run_saved_before_a_config_key_existed_still_resumes(ws, tmp_path):
         check_resume_compatible(tmp_path, compose_train(ws.args + ["optim.position_lr_scale=2"]))
 
 
+def test_a_run_saved_before_a_config_key_existed_still_evaluates(ws, reference, tmp_path):
+    run_dir = tmp_path / "old"
+    shutil.copytree(reference, run_dir)
+    path = run_dir / "relpos_config.yaml"
+    old = OmegaConf.to_container(OmegaConf.load(path))
+    del old["optim"]["position_lr_scale"]
+    path.write_text(OmegaConf.to_yaml(old))
+    r = ws.run("eval", f"run_dir={run_dir}", "eval.multiples=[1]", "eval.tokens=64")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((run_dir / "eval_results.json").read_text())["checkpoint_step"] == STEPS
+
+
 def test_metrics_after_a_cut_row_start_on_a_fresh_line(tmp_path):
     from relpos.logging_utils import MetricLogger
 
