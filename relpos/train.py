@@ -489,7 +489,7 @@ def _train(cfg, run_dir: Path, closing: contextlib.ExitStack) -> dict[str, Any]:
     tokens_per_step = t.batch_size * t.length
     steady_tokens, steady_seconds = 0, 0.0
     last_log_time, last_log_step = None, start
-    executables = {}  # compiled step per tokens shape ([B, T+1] or [n, B, T+1])
+    seen_shapes = set()  # tokens shapes compiled so far ([B, T+1] or [n, B, T+1])
     step = start
     with _SignalFlag() as sig:
         while step < t.steps:
@@ -497,20 +497,18 @@ def _train(cfg, run_dir: Path, closing: contextlib.ExitStack) -> dict[str, Any]:
             tokens, pos = batches(step, n) if multi else batch_at(step)
             if place is not None:
                 tokens, pos = place(tokens, pos)
-            args = (params, opt_state, guard, tokens, pos, jnp.int32(step))
-            if tokens.shape not in executables:  # a new call length (the tail, a resume)
-                t0 = time.perf_counter()
-                executables[tokens.shape] = step_fn.lower(*args).compile()
+            t0 = time.perf_counter()
+            params, opt_state, guard, m = step_fn(  # dispatch is asynchronous
+                params, opt_state, guard, tokens, pos, jnp.int32(step))
+            if tokens.shape not in seen_shapes:  # this call compiled a new call length
+                seen_shapes.add(tokens.shape)  # (the first, the tail, after a resume)
                 if last_log_time is not None:
                     last_log_time += time.perf_counter() - t0  # compiling is not training
-            params, opt_state, guard, m = executables[tokens.shape](*args)
-            if multi:
-                m = jax.tree.map(lambda x: x[-1], m)  # the metrics of the call's last step
             step += n
             progress.update(n)
             at_ckpt = step % t.checkpoint_every == 0 or step == t.steps
             if step % t.log_every == 0 or at_ckpt or sig.signum is not None:
-                loss = float(m["loss"])  # host sync
+                loss = _last(m["loss"])  # host sync; the metrics of the call's last step
                 now = time.perf_counter()
                 if last_log_time is None:  # first sync after (re)start includes compile
                     train_seconds_delta = 0.0
@@ -524,7 +522,7 @@ def _train(cfg, run_dir: Path, closing: contextlib.ExitStack) -> dict[str, Any]:
                 last_log_time, last_log_step = now, step
                 _check_guard(guard, t.on_nonfinite, step)
                 skipped = int(guard["skipped"])
-                row = {"step": step, "loss": loss, "grad_norm": float(m["grad_norm"]),
+                row = {"step": step, "loss": loss, "grad_norm": _last(m["grad_norm"]),
                        # skipped steps leave the optimiser's count (and so the lr) behind
                        "lr": float(schedule(step - 1 - skipped)), "tokens_per_second": tok_s,
                        "skipped_steps": skipped}
@@ -571,6 +569,11 @@ def _train(cfg, run_dir: Path, closing: contextlib.ExitStack) -> dict[str, Any]:
     metrics.final(results)
     atomic_write_json(run_dir / "results.json", results)
     return results
+
+
+def _last(x) -> float:
+    """The last value of a metric: a scalar, or ``[n]`` from an n-step call."""
+    return float(np.asarray(x).reshape(-1)[-1])
 
 
 def _check_guard(guard, policy: str, step: int) -> None:
