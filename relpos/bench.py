@@ -58,7 +58,7 @@ from flax import nnx
 from relpos import positions
 from relpos.attention import IMPLS
 from relpos.io import atomic_write_json
-from relpos.model import DTYPES, ModelConfig, TransformerLM
+from relpos.model import DTYPES, ModelConfig, TransformerLM, count_params
 
 VOCAB = 257  # byte tokenizer
 GIB = 1024**3
@@ -165,7 +165,7 @@ class JaxCase:
         self.name = case_name(scheme, steps_per_call)
         model = TransformerLM(mcfg, scheme, scheme_options(scheme, length),
                               rngs=nnx.Rngs(params=seed))
-        self.params_total = int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+        self.params_total = count_params(model)
         self.attention = model.attention_impl(length)
         graphdef, params = nnx.split(model, nnx.Param)
         tx, _ = make_optimizer(OptimSection(), total_steps, params)
@@ -198,17 +198,17 @@ class JaxCase:
                     params, opt_state, guard, self.tokens, self.positions, self.step_arg)
             jax.block_until_ready((params, opt_state, metrics))
             elapsed = time.perf_counter() - t0
-        if self.steps_per_call > 1:
-            metrics = jax.tree.map(lambda x: x[-1], metrics)
         self.state, self.metrics = (params, opt_state, guard), metrics
         return elapsed
 
     def summary(self) -> dict:
+        from relpos.train import last_metric
+
         guard = self.state[2]
         return {"attention": self.attention, "compile_s": self.compile_s,
                 "xla_flops_per_step": self.xla_flops,
                 "xla_memory": self.xla_memory, "params": self.params_total,
-                "final_loss": float(self.metrics["loss"]) if self.metrics else None,
+                "final_loss": last_metric(self.metrics["loss"]) if self.metrics else None,
                 "skipped_steps": int(guard["skipped"]), **self.rusage.per_step()}
 
 
@@ -374,7 +374,8 @@ def time_rounds(cases: list, *, steps: int, warmup: int, repeats: int,
 
 def train_rows(times: dict[str, list[float]], cases: list, *, steps: int,
                tokens_per_step: int, flops_per_step: float, peak_flops: float,
-               reference: str = "none") -> list[dict]:
+               spec_peak_flops: float = 0.0, reference: str = "none") -> list[dict]:
+    """One row per case; ``mfu_spec`` (against a data-sheet peak) only if one is given."""
     refs = {c.steps_per_call: times[c.name] for c in cases
             if getattr(c, "scheme", None) == reference}
     rows = []
@@ -394,6 +395,8 @@ def train_rows(times: dict[str, list[float]], cases: list, *, steps: int,
             "step_s_min": min(t) / steps,
             "round_s": t,
             "mfu": flops_per_step / step_s / peak_flops,
+            **({"mfu_spec": flops_per_step / step_s / spec_peak_flops} if spec_peak_flops
+               else {}),
             "ratio_to_none": statistics.median(ratios),
             **case.summary(),
         })
@@ -429,11 +432,8 @@ def bench_training(args, mcfg: ModelConfig, peak: dict, log=print) -> dict:
     tokens_per_step = args.batch * args.length
     rows = train_rows(times, all_cases, steps=args.steps, tokens_per_step=tokens_per_step,
                       flops_per_step=per_token * tokens_per_step,
-                      peak_flops=peak["gflops"] * 1e9)
-    if args.spec_peak_tflops:
-        spec = args.spec_peak_tflops * 1e12
-        for r in rows:
-            r["mfu_spec"] = per_token * tokens_per_step / r["step_s"] / spec
+                      peak_flops=peak["gflops"] * 1e9,
+                      spec_peak_flops=(args.spec_peak_tflops or 0) * 1e12)
     out_rows = rows[:len(cases)]
     flops = {"convention": FLOP_CONVENTION, "causal_half_discounted": False,
              "non_embedding_params": n, "flops_per_token": per_token,

@@ -111,9 +111,9 @@ def make_parallel_train_step(graphdef, tx, mesh: Mesh, params, opt_state, *,
     mesh layout pinned on its inputs and outputs. ``params`` and ``opt_state`` (arrays or
     abstract shapes) give the tree structure; the returned function has the step's
     signature and donates the state."""
-    from relpos.train import fresh_guard, multi_step_fn, train_step_fn
+    from relpos.train import fresh_guard, pure_step
 
-    step = (multi_step_fn if multi else train_step_fn)(graphdef, tx)
+    step = pure_step(graphdef, tx, multi=multi)
     rep = replicated(mesh)
     p_sh = state_shardings(mesh, params, fsdp=fsdp)
     o_sh = state_shardings(mesh, opt_state, fsdp=fsdp)

@@ -185,11 +185,15 @@ def multi_step_fn(graphdef, tx):
     return multi
 
 
+def pure_step(graphdef, tx, *, multi: bool = False):
+    """:func:`train_step_fn`, or with ``multi`` :func:`multi_step_fn` (not yet jitted)."""
+    return (multi_step_fn if multi else train_step_fn)(graphdef, tx)
+
+
 def make_train_step(graphdef, tx, *, multi: bool = False):
-    """The jitted step (:func:`train_step_fn`), or with ``multi`` the jitted
-    :func:`multi_step_fn`; the state (params, optimiser state, guard) is donated."""
-    fn = multi_step_fn(graphdef, tx) if multi else train_step_fn(graphdef, tx)
-    return jax.jit(fn, donate_argnums=(0, 1, 2))
+    """The jitted :func:`pure_step`; the state (params, optimiser state, guard) is
+    donated."""
+    return jax.jit(pure_step(graphdef, tx, multi=multi), donate_argnums=(0, 1, 2))
 
 
 def fresh_guard():
@@ -508,7 +512,7 @@ def _train(cfg, run_dir: Path, closing: contextlib.ExitStack) -> dict[str, Any]:
             progress.update(n)
             at_ckpt = step % t.checkpoint_every == 0 or step == t.steps
             if step % t.log_every == 0 or at_ckpt or sig.signum is not None:
-                loss = _last(m["loss"])  # host sync; the metrics of the call's last step
+                loss = last_metric(m["loss"])  # host sync; the metrics of the call's last step
                 now = time.perf_counter()
                 if last_log_time is None:  # first sync after (re)start includes compile
                     train_seconds_delta = 0.0
@@ -522,7 +526,7 @@ def _train(cfg, run_dir: Path, closing: contextlib.ExitStack) -> dict[str, Any]:
                 last_log_time, last_log_step = now, step
                 _check_guard(guard, t.on_nonfinite, step)
                 skipped = int(guard["skipped"])
-                row = {"step": step, "loss": loss, "grad_norm": _last(m["grad_norm"]),
+                row = {"step": step, "loss": loss, "grad_norm": last_metric(m["grad_norm"]),
                        # skipped steps leave the optimiser's count (and so the lr) behind
                        "lr": float(schedule(step - 1 - skipped)), "tokens_per_second": tok_s,
                        "skipped_steps": skipped}
@@ -571,7 +575,7 @@ def _train(cfg, run_dir: Path, closing: contextlib.ExitStack) -> dict[str, Any]:
     return results
 
 
-def _last(x) -> float:
+def last_metric(x) -> float:
     """The last value of a metric: a scalar, or ``[n]`` from an n-step call."""
     return float(np.asarray(x).reshape(-1)[-1])
 
