@@ -17,6 +17,7 @@ from flax import nnx
 
 from relpos import positions
 from relpos.attention import IMPLS, causal_attention, choose_impl, evaluate_bias
+from relpos.layers import Linear
 from relpos.positions.base import RelposConfigError, check_choice, check_positive_int
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -68,13 +69,13 @@ class Block(nnx.Module):
         d, h = cfg.d_model, cfg.num_heads
         self.num_heads, self.head_dim = h, cfg.head_dim
         self.ln1 = nnx.LayerNorm(d, dtype=dt, rngs=rngs)
-        self.qkv = nnx.Linear(d, 3 * d, use_bias=False, dtype=dt, rngs=rngs)
+        self.qkv = Linear(d, 3 * d, use_bias=False, dtype=dt, rngs=rngs)
         # GPT-2: residual projections scaled by 1/sqrt(2 * layers)
         resid_init = nnx.initializers.normal(0.02 / (2 * cfg.num_layers) ** 0.5)
-        self.out = nnx.Linear(d, d, use_bias=False, dtype=dt, rngs=rngs, kernel_init=resid_init)
+        self.out = Linear(d, d, use_bias=False, dtype=dt, rngs=rngs, kernel_init=resid_init)
         self.ln2 = nnx.LayerNorm(d, dtype=dt, rngs=rngs)
-        self.fc1 = nnx.Linear(d, cfg.mlp_ratio * d, dtype=dt, rngs=rngs)
-        self.fc2 = nnx.Linear(cfg.mlp_ratio * d, d, dtype=dt, rngs=rngs, kernel_init=resid_init)
+        self.fc1 = Linear(d, cfg.mlp_ratio * d, dtype=dt, rngs=rngs)
+        self.fc2 = Linear(cfg.mlp_ratio * d, d, dtype=dt, rngs=rngs, kernel_init=resid_init)
 
     def __call__(self, x, *, positions, bias, rotate, attn_kw):
         b, t, _ = x.shape
@@ -111,7 +112,7 @@ class TransformerLM(nnx.Module):
                                embedding_init=nnx.initializers.normal(0.02))
         self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.ln_f = nnx.LayerNorm(cfg.d_model, dtype=dt, rngs=rngs)
-        self.head = None if cfg.tie_embeddings else nnx.Linear(
+        self.head = None if cfg.tie_embeddings else Linear(
             cfg.d_model, cfg.vocab_size, use_bias=False, dtype=dt, rngs=rngs)
 
     def _layer_scheme(self, i: int):
@@ -163,9 +164,9 @@ class TransformerLM(nnx.Module):
 
     def logits(self, h: jax.Array) -> jax.Array:
         """LM head in fp32: ``[..., D] -> [..., V]``."""
-        if self.head is None:
-            return self.embed.attend(h).astype(jnp.float32)
-        return self.head(h).astype(jnp.float32)
+        flat = h.reshape(-1, h.shape[-1])  # [N, D]: see Linear
+        out = self.embed.attend(flat) if self.head is None else self.head(flat)
+        return out.astype(jnp.float32).reshape(*h.shape[:-1], out.shape[-1])
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, *,
                  impl: str | None = None) -> jax.Array:

@@ -132,3 +132,46 @@ def test_bad_scheme_option_fails_at_construction():
         TransformerLM(ModelConfig(), "t5", {"num_buckets": 1}, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="available: .*alibi"):
         TransformerLM(ModelConfig(), "alibii", rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_linear_flattens_without_changing_value_gradient_or_parameters(use_bias):
+    """relpos's Linear (input flattened to [N, D] for XLA:CPU's sake) is nnx.Linear:
+    same parameter names and shapes, and value and gradients equal a NumPy oracle."""
+    from relpos.layers import Linear
+
+    ours = Linear(6, 5, use_bias=use_bias, rngs=nnx.Rngs(0),
+                  bias_init=nnx.initializers.normal(1.0))
+    ref = nnx.Linear(6, 5, use_bias=use_bias, rngs=nnx.Rngs(0),
+                     bias_init=nnx.initializers.normal(1.0))
+    shapes = lambda m: jax.tree.map(jnp.shape, nnx.state(m, nnx.Param))  # noqa: E731
+    assert shapes(ours) == shapes(ref)
+    x = jax.random.normal(jax.random.key(1), (3, 4, 6))
+    w = np.asarray(ours.kernel[...], np.float64)
+    b = np.asarray(ours.bias[...], np.float64) if use_bias else 0.0
+    want = np.einsum("btd,dn->btn", np.asarray(x, np.float64), w) + b
+    np.testing.assert_allclose(ours(x), want, rtol=1e-5, atol=1e-5)
+    # d/dW of sum(y * g) = sum over (b, t) of x^T g; d/dx = g W^T
+    g = jax.random.normal(jax.random.key(2), (3, 4, 5))
+    gd = np.asarray(g, np.float64)
+    graphdef, params = nnx.split(ours, nnx.Param)
+    dparams, dx = jax.grad(lambda p, x: (nnx.merge(graphdef, p)(x) * g).sum(),
+                           argnums=(0, 1))(params, x)
+    np.testing.assert_allclose(dparams["kernel"][...],
+                               np.einsum("btd,btn->dn", np.asarray(x, np.float64), gd),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, np.einsum("btn,dn->btd", gd, w), rtol=1e-5, atol=1e-5)
+    if use_bias:
+        np.testing.assert_allclose(dparams["bias"][...], gd.sum((0, 1)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_logits_equal_hidden_times_output_matrix(tie):
+    cfg = ModelConfig(vocab_size=11, d_model=8, num_layers=1, num_heads=2, tie_embeddings=tie)
+    model = TransformerLM(cfg, "alibi", rngs=nnx.Rngs(0))
+    h = jax.random.normal(jax.random.key(3), (2, 5, 8))
+    out = (model.embed.embedding[...].T if tie else model.head.kernel[...])
+    want = np.einsum("btd,dv->btv", np.asarray(h, np.float64), np.asarray(out, np.float64))
+    got = model.logits(h)
+    assert got.shape == (2, 5, 11) and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

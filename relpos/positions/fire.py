@@ -18,8 +18,8 @@ Implementation notes: the absolute values on ``c`` and ``l`` follow the pseudo-c
 the paper's appendix (they keep psi and L well defined whatever sign the optimiser
 gives the raw scalars); ``eps`` guards the denominator (``psi(max(L, i)) = 0`` only when
 ``|c| = 0`` or ``L = i = 0``). Masked pairs (j > i) use ``d = 0`` and stay finite.
-The MLP uses Flax's default ``nnx.Linear`` initialisation (LeCun normal kernels, zero
-biases) in fp32; the paper does not prescribe one.
+The MLP (``relpos.layers.Linear``) uses Flax's default ``nnx.Linear`` initialisation
+(LeCun normal kernels, zero biases) in fp32; the paper does not prescribe one.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from relpos.layers import Linear
 from relpos.positions.base import (
     PositionScheme,
     causal_distance,
@@ -87,8 +88,8 @@ class FIRE(PositionScheme):
         self.c = nnx.Param(jnp.asarray(check_positive_float("c_init", c_init), jnp.float32))
         self.l = nnx.Param(jnp.asarray(check_positive_float("l_init", l_init), jnp.float32))
         fp32 = dict(dtype=jnp.float32, param_dtype=jnp.float32)
-        self.fc1 = nnx.Linear(1, hidden, rngs=rngs, **fp32)
-        self.fc2 = nnx.Linear(hidden, num_heads, rngs=rngs, **fp32)
+        self.fc1 = Linear(1, hidden, rngs=rngs, **fp32)
+        self.fc2 = Linear(hidden, num_heads, rngs=rngs, **fp32)
 
     def mlp(self, u: jax.Array) -> jax.Array:
         """``f_theta``: ``[..., 1] -> [..., H]``."""
