@@ -356,7 +356,11 @@ def _cpu_threads() -> int:
 
 def time_rounds(cases: list, *, steps: int, warmup: int, repeats: int,
                 log=print) -> dict[str, list[float]]:
-    """Warm every case up, then ``repeats`` round-robin rounds of ``steps`` steps each."""
+    """Warm every case up, then ``repeats`` round-robin rounds of ``steps`` steps each.
+
+    Round ``r`` starts at case ``r mod n``, so no case always runs right after the same
+    one (PyTorch's OpenMP threads keep spinning for a moment after the peer's step: the
+    case timed next used to be ``alibi`` in every round, 1.06-1.12x of ``none``)."""
     for case in cases:
         if warmup:  # whole calls: at least ``warmup`` steps
             k = getattr(case, "steps_per_call", 1)
@@ -365,7 +369,8 @@ def time_rounds(cases: list, *, steps: int, warmup: int, repeats: int,
             case.rusage = _Rusage()  # count the timed rounds only
     times = {case.name: [] for case in cases}
     for r in range(repeats):
-        for case in cases:
+        start = r % len(cases)
+        for case in cases[start:] + cases[:start]:
             times[case.name].append(case.run(steps))
         log(f"  round {r + 1}/{repeats}: " + ", ".join(
             f"{c.name} {times[c.name][-1] / steps * 1e3:.0f} ms" for c in cases))

@@ -94,3 +94,24 @@ def test_schemes_none_is_the_none_scheme_not_an_empty_list():
     assert bench.parse_args(["--schemes", "none"]).schemes == ["none"]
     assert bench.parse_args(["--schemes", "none, alibi"]).schemes == ["none", "alibi"]
     assert bench.parse_args(["--eval-lengths", "none"]).eval_lengths == []
+
+
+def test_rounds_rotate_the_order_of_cases():
+    """Every case is timed once per round, and round r starts at case r mod n, so no
+    case always follows the same one (the peer's threads disturb whoever runs next)."""
+    order = []
+
+    class Fake:
+        steps_per_call = 1
+
+        def __init__(self, name):
+            self.name = name
+
+        def run(self, n):
+            order.append(self.name)
+            return 0.5 * n
+
+    cases = [Fake(x) for x in "abc"]
+    times = bench.time_rounds(cases, steps=4, warmup=0, repeats=4, log=lambda *_: None)
+    assert order == list("abc" "bca" "cab" "abc")
+    assert times == {x: [2.0] * 4 for x in "abc"}
