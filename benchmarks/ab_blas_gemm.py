@@ -56,6 +56,9 @@ static ffi::Error Gemm(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
   if (da.size() != 2 || db.size() != 2) return ffi::Error::InvalidArgument("2-D operands");
   int p = da[0], q = da[1], r = db[0], s = db[1];
   int m = ta ? q : p, k = ta ? p : q, n = tb ? r : s;
+  auto dc = c->dimensions();
+  if ((tb ? s : r) != k || dc.size() != 2 || dc[0] != m || dc[1] != n)
+    return ffi::Error::InvalidArgument("operand or result shapes do not match");
   const float one = 1.f, zero = 0.f;
   char opb = tb ? 'T' : 'N', opa = ta ? 'T' : 'N';
   g_sgemm(&opb, &opa, &n, &m, &k, &one, b.typed_data(), &s, a.typed_data(), &q, &zero,

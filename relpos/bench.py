@@ -354,13 +354,21 @@ def _cpu_threads() -> int:
         return os.cpu_count() or 1
 
 
+def round_order(cases: list, r: int) -> list:
+    """Round ``r``'s order: the cases rotated by ``r``, reversed in odd rounds (a rotation
+    alone keeps every case's predecessor)."""
+    k = r % len(cases) if cases else 0
+    order = cases[k:] + cases[:k]
+    return order[::-1] if r % 2 else order
+
+
 def time_rounds(cases: list, *, steps: int, warmup: int, repeats: int,
                 log=print) -> dict[str, list[float]]:
     """Warm every case up, then ``repeats`` round-robin rounds of ``steps`` steps each.
 
-    Round ``r`` starts at case ``r mod n``, so no case always runs right after the same
-    one (PyTorch's OpenMP threads keep spinning for a moment after the peer's step: the
-    case timed next used to be ``alibi`` in every round, 1.06-1.12x of ``none``)."""
+    :func:`round_order`: no case always runs right after the same one (whatever the
+    previous case leaves behind, e.g. the peer's PyTorch threads, is not always paid by
+    the same scheme)."""
     for case in cases:
         if warmup:  # whole calls: at least ``warmup`` steps
             k = getattr(case, "steps_per_call", 1)
@@ -369,8 +377,7 @@ def time_rounds(cases: list, *, steps: int, warmup: int, repeats: int,
             case.rusage = _Rusage()  # count the timed rounds only
     times = {case.name: [] for case in cases}
     for r in range(repeats):
-        start = r % len(cases)
-        for case in cases[start:] + cases[:start]:
+        for case in round_order(cases, r):
             times[case.name].append(case.run(steps))
         log(f"  round {r + 1}/{repeats}: " + ", ".join(
             f"{c.name} {times[c.name][-1] / steps * 1e3:.0f} ms" for c in cases))

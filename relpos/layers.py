@@ -12,7 +12,8 @@ class Linear(nnx.Linear):
     On a ``[B, T, D]`` input the weight gradient is a ``dot_general`` contracting two
     axes (B and T), which XLA:CPU (jax 0.10) runs much slower than the same product on
     ``[B*T, D]``: the ``small`` training step takes 0.81x the time with the flattening
-    (benchmarks/README.md). The reshapes are free (contiguous axes)."""
+    (benchmarks/README.md). The reshapes are free (contiguous axes). ``nnx.Linear``'s
+    ``out_sharding`` argument is not passed through."""
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = super().__call__(x.reshape(-1, x.shape[-1]))

@@ -96,9 +96,9 @@ def test_schemes_none_is_the_none_scheme_not_an_empty_list():
     assert bench.parse_args(["--eval-lengths", "none"]).eval_lengths == []
 
 
-def test_rounds_rotate_the_order_of_cases():
-    """Every case is timed once per round, and round r starts at case r mod n, so no
-    case always follows the same one (the peer's threads disturb whoever runs next)."""
+def test_round_order_varies_every_cases_predecessor():
+    """Every case is timed once per round, and over the rounds (across round boundaries
+    too) no case always follows the same one."""
     order = []
 
     class Fake:
@@ -111,7 +111,17 @@ def test_rounds_rotate_the_order_of_cases():
             order.append(self.name)
             return 0.5 * n
 
-    cases = [Fake(x) for x in "abc"]
-    times = bench.time_rounds(cases, steps=4, warmup=0, repeats=4, log=lambda *_: None)
-    assert order == list("abc" "bca" "cab" "abc")
-    assert times == {x: [2.0] * 4 for x in "abc"}
+    for n in (2, 3, 5, 25):
+        names = [f"c{i}" for i in range(n)]
+        for repeats in (2, 3, 4):
+            order.clear()
+            times = bench.time_rounds([Fake(x) for x in names], steps=4, warmup=0,
+                                      repeats=repeats, log=lambda *_: None)
+            assert times == {x: [2.0] * repeats for x in names}
+            rounds = [order[i * n:(i + 1) * n] for i in range(repeats)]
+            assert all(sorted(r) == sorted(names) for r in rounds)
+            before = {x: set() for x in names}
+            for prev, cur in zip(order, order[1:]):
+                before[cur].add(prev)
+            if n >= 3:
+                assert all(len(p) >= 2 for x, p in before.items() if x != order[0]), before

@@ -144,8 +144,10 @@ def test_linear_flattens_without_changing_value_gradient_or_parameters(use_bias)
                   bias_init=nnx.initializers.normal(1.0))
     ref = nnx.Linear(6, 5, use_bias=use_bias, rngs=nnx.Rngs(0),
                      bias_init=nnx.initializers.normal(1.0))
-    shapes = lambda m: jax.tree.map(jnp.shape, nnx.state(m, nnx.Param))  # noqa: E731
-    assert shapes(ours) == shapes(ref)
+    ours_p, ref_p = nnx.state(ours, nnx.Param), nnx.state(ref, nnx.Param)
+    assert jax.tree.structure(ours_p) == jax.tree.structure(ref_p)
+    for a, b in zip(jax.tree.leaves(ours_p), jax.tree.leaves(ref_p)):
+        np.testing.assert_array_equal(a, b)  # same names, shapes and initial values
     x = jax.random.normal(jax.random.key(1), (3, 4, 6))
     w = np.asarray(ours.kernel[...], np.float64)
     b = np.asarray(ours.bias[...], np.float64) if use_bias else 0.0
@@ -163,6 +165,30 @@ def test_linear_flattens_without_changing_value_gradient_or_parameters(use_bias)
     np.testing.assert_allclose(dx, np.einsum("btn,dn->btd", gd, w), rtol=1e-5, atol=1e-5)
     if use_bias:
         np.testing.assert_allclose(dparams["bias"][...], gd.sum((0, 1)), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_products_are_two_dimensional_for_any_input_rank():
+    """The point of relpos's Linear: every dot_general of the forward and backward pass
+    sees 2-D operands (XLA:CPU is slow on the 3-D weight gradient); 1-D to 4-D inputs
+    keep their leading shape, and bf16 compute gives bf16 like nnx.Linear."""
+    from relpos.layers import Linear
+
+    for dtype in (jnp.float32, jnp.bfloat16):
+        lin = Linear(6, 5, dtype=dtype, rngs=nnx.Rngs(0))
+        ref = nnx.Linear(6, 5, dtype=dtype, rngs=nnx.Rngs(0))
+        for shape in [(6,), (4, 6), (3, 4, 6), (2, 3, 4, 6)]:
+            x = jax.random.normal(jax.random.key(1), shape)
+            y = lin(x)
+            assert y.shape == shape[:-1] + (5,) and y.dtype == ref(x).dtype
+            np.testing.assert_allclose(np.asarray(y, np.float32),
+                                       np.asarray(ref(x), np.float32), rtol=1e-2 if
+                                       dtype == jnp.bfloat16 else 1e-6, atol=1e-2)
+    graphdef, params = nnx.split(Linear(6, 5, rngs=nnx.Rngs(0)), nnx.Param)
+    jaxpr = jax.make_jaxpr(jax.grad(lambda p, x: nnx.merge(graphdef, p)(x).sum(),
+                                    argnums=(0, 1)))(params, jnp.ones((3, 4, 6)))
+    dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert len(dots) == 3  # forward, d/dx, d/dW
+    assert all(v.aval.ndim == 2 for e in dots for v in e.invars), dots
 
 
 @pytest.mark.parametrize("tie", [True, False])
