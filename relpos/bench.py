@@ -9,7 +9,8 @@ Two parts, one JSON file (``--out``) and printed tables:
   timed in ``--repeats`` rounds of ``--steps`` steps, the host syncing only at the end of
   a round. Steps run ``--steps-per-call`` at a time in one compiled call, as
   ``relpos-train`` does (``train.steps_per_call``; with several values the cases are
-  named ``alibi/k10`` etc.). Rounds visit the schemes in turn (round-robin), so slow
+  named ``alibi/k10`` etc.). Rounds visit the schemes in turn (round-robin; the order
+  rotates each round and reverses every other one, :func:`round_order`), so slow
   drift in machine load hits every scheme alike; ``ratio_to_none`` is the median over
   rounds of the per-round step-time ratio to ``none`` at the same steps per call
   (always measured, as the reference).
