@@ -6,6 +6,12 @@ import jax
 from flax import nnx
 
 
+def on_rows(fn, x: jax.Array) -> jax.Array:
+    """``fn`` applied to ``x`` flattened to rows ``[N, D]``; the leading shape restored."""
+    y = fn(x.reshape(-1, x.shape[-1]))
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 class Linear(nnx.Linear):
     """``nnx.Linear`` (same parameters) applied to the input flattened to ``[N, D]``.
 
@@ -16,5 +22,4 @@ class Linear(nnx.Linear):
     ``out_sharding`` argument is not passed through."""
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = super().__call__(x.reshape(-1, x.shape[-1]))
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        return on_rows(super().__call__, x)

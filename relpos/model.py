@@ -17,7 +17,7 @@ from flax import nnx
 
 from relpos import positions
 from relpos.attention import IMPLS, causal_attention, choose_impl, evaluate_bias
-from relpos.layers import Linear
+from relpos.layers import Linear, on_rows
 from relpos.positions.base import RelposConfigError, check_choice, check_positive_int
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -164,9 +164,8 @@ class TransformerLM(nnx.Module):
 
     def logits(self, h: jax.Array) -> jax.Array:
         """LM head in fp32: ``[..., D] -> [..., V]``."""
-        flat = h.reshape(-1, h.shape[-1])  # [N, D]: see Linear
-        out = self.embed.attend(flat) if self.head is None else self.head(flat)
-        return out.astype(jnp.float32).reshape(*h.shape[:-1], out.shape[-1])
+        head = self.embed.attend if self.head is None else self.head
+        return on_rows(head, h).astype(jnp.float32)  # rows: see Linear
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, *,
                  impl: str | None = None) -> jax.Array:

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from relpos import positions
+from relpos.layers import Linear
 from relpos.model import ModelConfig, TransformerLM, count_params
 from relpos.positions import RelposConfigError
 
@@ -138,8 +139,6 @@ def test_bad_scheme_option_fails_at_construction():
 def test_linear_flattens_without_changing_value_gradient_or_parameters(use_bias):
     """relpos's Linear (input flattened to [N, D] for XLA:CPU's sake) is nnx.Linear:
     same parameter names and shapes, and value and gradients equal a NumPy oracle."""
-    from relpos.layers import Linear
-
     ours = Linear(6, 5, use_bias=use_bias, rngs=nnx.Rngs(0),
                   bias_init=nnx.initializers.normal(1.0))
     ref = nnx.Linear(6, 5, use_bias=use_bias, rngs=nnx.Rngs(0),
@@ -171,8 +170,6 @@ def test_linear_products_are_two_dimensional_for_any_input_rank():
     """The point of relpos's Linear: every dot_general of the forward and backward pass
     sees 2-D operands (XLA:CPU is slow on the 3-D weight gradient); 1-D to 4-D inputs
     keep their leading shape, and bf16 compute gives bf16 like nnx.Linear."""
-    from relpos.layers import Linear
-
     for dtype in (jnp.float32, jnp.bfloat16):
         lin = Linear(6, 5, dtype=dtype, rngs=nnx.Rngs(0))
         ref = nnx.Linear(6, 5, dtype=dtype, rngs=nnx.Rngs(0))
