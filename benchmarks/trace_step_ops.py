@@ -29,15 +29,18 @@ def main(argv=None) -> None:
     p.add_argument("--preset", default="small")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--length", type=int, default=256)
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=3, help="traced calls")
+    p.add_argument("--steps-per-call", type=int, default=1,
+                   help="training steps per compiled call (train.steps_per_call)")
     p.add_argument("--top", type=int, default=30)
     args = p.parse_args(argv)
     case = bench.JaxCase(args.scheme, bench.preset_config(args.preset), batch=args.batch,
-                         length=args.length, total_steps=1000)
-    case.run(2)
+                         length=args.length, total_steps=1000, steps_per_call=args.steps_per_call)
+    k = args.steps_per_call
+    case.run(2 * k)
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp, create_perfetto_trace=True):
-            seconds = case.run(args.steps)
+            seconds = case.run(args.steps * k)
         events = json.load(gzip.open(glob.glob(f"{tmp}/**/*.trace.json.gz", recursive=True)[0]))
     events = events["traceEvents"] if isinstance(events, dict) else events
     shapes = {}
@@ -49,13 +52,13 @@ def main(argv=None) -> None:
     for e in events:
         if e.get("ph") == "X" and e["name"] in shapes:
             key = (re.sub(r"\.\d+$", "", e["name"]), shapes[e["name"]])
-            total[key] += e.get("dur", 0) / 1e3 / args.steps
+            total[key] += e.get("dur", 0) / 1e3 / (args.steps * k)
             count[key] += 1
-    print(f"{args.scheme}: step {seconds / args.steps * 1e3:.0f} ms; "
+    print(f"{args.scheme}: step {seconds / (args.steps * k) * 1e3:.0f} ms; "
           f"sum of op times {sum(total.values()):.0f} ms/step")
     print(f"{'ms/step':>8} {'ops':>4}  kind  output")
     for (kind, shape), ms in total.most_common(args.top):
-        print(f"{ms:8.1f} {count[(kind, shape)] // args.steps:4d}  {kind}  {shape}")
+        print(f"{ms:8.1f} {count[(kind, shape)] // (args.steps * k):4d}  {kind}  {shape}")
 
 
 if __name__ == "__main__":

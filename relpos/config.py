@@ -85,7 +85,7 @@ class TrainSection:
     checkpoint_every: int = 250
     keep_checkpoints: int = 2
     eval_every: int = 0  # 0: evaluate only at the end
-    # steps per compiled call (lax.scan); null: on CPU the largest <= 10 dividing the host
+    # steps per compiled call (lax.scan); null: on CPU the largest <= 25 dividing the host
     # intervals (log/checkpoint/eval), 1 on other backends
     steps_per_call: int | None = None
     randomized_positions: int = 0  # >0: Ruoss et al. 2023, positions from [0, N)

@@ -306,7 +306,11 @@ def check_train_config(cfg) -> None:
     check_positive_float("optim.position_lr_scale", cfg.optim.position_lr_scale)
 
 
-AUTO_STEPS_PER_CALL = 10
+# Up to 25: XLA:CPU faults its temporary buffer in afresh on every call (`small`: 18.4k
+# page faults a step at 10 per call, 7.2k at 25; median step 461 vs 449 ms, 447 at 50;
+# benchmarks/README.md). More would delay the answer to a preemption signal, which is
+# honoured between calls, for little gain.
+AUTO_STEPS_PER_CALL = 25
 
 
 def _host_intervals(t) -> dict[str, int]:
@@ -320,7 +324,7 @@ def _host_intervals(t) -> dict[str, int]:
 def steps_per_call(t, backend: str | None = None) -> int:
     """``train.steps_per_call``, or for null (auto) on CPU the largest number up to
     :data:`AUTO_STEPS_PER_CALL` that divides every host interval (so no call runs past
-    a log, checkpoint or evaluation step; log_every 50 and checkpoint_every 200 -> 10),
+    a log, checkpoint or evaluation step; log_every 50 and checkpoint_every 200 -> 25),
     and 1 on other backends: on an H100 the trainer ran 0.70x as fast at 10 per call
     (benchmarks/README.md), though relpos-bench's step alone gains 1-8% there."""
     if t.steps_per_call is not None:

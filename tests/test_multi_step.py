@@ -110,8 +110,8 @@ def test_steps_per_call_must_divide_the_host_intervals():
 
 
 @pytest.mark.parametrize("log,ckpt,ev,expected", [
-    (50, 200, 0, 10), (4, 10, 0, 2), (4, 8, 0, 4), (7, 200, 0, 1), (50, 200, 30, 10),
-    (100, 400, 25, 5)])
+    (50, 200, 0, 25), (4, 10, 0, 2), (4, 8, 0, 4), (7, 200, 0, 1), (50, 200, 30, 10),
+    (100, 400, 25, 25), (100, 400, 15, 5), (40, 200, 0, 20)])
 def test_auto_steps_per_call_divides_every_host_interval(log, ckpt, ev, expected):
     from tests.test_pipeline import compose_train
 
