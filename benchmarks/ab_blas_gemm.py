@@ -35,9 +35,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import step_case  # benchmarks/ is this script's sys.path[0]
 from flax import nnx
 
-from relpos import bench
 from relpos.layers import Linear
 
 SOURCE = r"""
@@ -161,11 +161,7 @@ def time_alone(fn, a, b, repeats: int = 20) -> float:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--scheme", default="alibi")
-    p.add_argument("--preset", default="small")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--length", type=int, default=256)
-    p.add_argument("--steps-per-call", type=int, default=10)
+    step_case.add_arguments(p, steps_per_call=10)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
@@ -181,15 +177,12 @@ def main(argv=None) -> None:
                 name: round(flops / time_alone(jax.jit(fn), a, b) / 1e9, 1)
                 for name, fn in (("blas_gflops", gemm), ("xla_gflops", jnp.matmul))}
             print(f"{m}x{kk}x{n} alone: {alone[f'{m}x{kk}x{n}']}")
-        mcfg = bench.preset_config(args.preset)
         cases = {}
         for name, ctx in (("xla_3d", linear_call(nnx.Linear.__call__)),
                           ("xla_2d", contextlib.nullcontext()),
                           ("blas", linear_call(through(blas_dense(gemm))))):
             with ctx:  # the patch matters while tracing, i.e. while the case compiles
-                cases[name] = bench.JaxCase(args.scheme, mcfg, batch=args.batch,
-                                            length=args.length, total_steps=1000,
-                                            steps_per_call=k)
+                cases[name] = step_case.build(args)
             cases[name].run(k)
         ms = {name: [] for name in cases}
         for r in range(args.rounds):

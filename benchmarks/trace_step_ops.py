@@ -19,28 +19,22 @@ import re
 import tempfile
 
 import jax
-
-from relpos import bench
+import step_case  # benchmarks/ is this script's sys.path[0]
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--scheme", default="alibi")
-    p.add_argument("--preset", default="small")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--length", type=int, default=256)
+    step_case.add_arguments(p, steps_per_call=1)
     p.add_argument("--steps", type=int, default=3, help="traced calls")
-    p.add_argument("--steps-per-call", type=int, default=1,
-                   help="training steps per compiled call (train.steps_per_call)")
     p.add_argument("--top", type=int, default=30)
     args = p.parse_args(argv)
-    case = bench.JaxCase(args.scheme, bench.preset_config(args.preset), batch=args.batch,
-                         length=args.length, total_steps=1000, steps_per_call=args.steps_per_call)
+    case = step_case.build(args)
     k = args.steps_per_call
+    n = args.steps * k  # traced training steps
     case.run(2 * k)
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp, create_perfetto_trace=True):
-            seconds = case.run(args.steps * k)
+            seconds = case.run(n)
         events = json.load(gzip.open(glob.glob(f"{tmp}/**/*.trace.json.gz", recursive=True)[0]))
     events = events["traceEvents"] if isinstance(events, dict) else events
     shapes = {}
@@ -52,13 +46,13 @@ def main(argv=None) -> None:
     for e in events:
         if e.get("ph") == "X" and e["name"] in shapes:
             key = (re.sub(r"\.\d+$", "", e["name"]), shapes[e["name"]])
-            total[key] += e.get("dur", 0) / 1e3 / (args.steps * k)
+            total[key] += e.get("dur", 0) / 1e3 / n
             count[key] += 1
-    print(f"{args.scheme}: step {seconds / (args.steps * k) * 1e3:.0f} ms; "
+    print(f"{args.scheme}: step {seconds / n * 1e3:.0f} ms; "
           f"sum of op times {sum(total.values()):.0f} ms/step")
     print(f"{'ms/step':>8} {'ops':>4}  kind  output")
     for (kind, shape), ms in total.most_common(args.top):
-        print(f"{ms:8.1f} {count[(kind, shape)] // (args.steps * k):4d}  {kind}  {shape}")
+        print(f"{ms:8.1f} {count[(kind, shape)] // n:4d}  {kind}  {shape}")
 
 
 if __name__ == "__main__":
