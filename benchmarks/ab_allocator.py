@@ -3,7 +3,7 @@
 Each side is a fresh subprocess (``LD_PRELOAD`` must be set before the process starts),
 alternating glibc / preload for ``--rounds``; in each process one scheme's ``small``
 training step is timed at one step per compiled call and at ``--steps-per-call`` N
-(best of 3 alternating timings of N steps, after N untimed: ``relpos.bench.time_rounds``).
+(best of 3 alternating timings of N steps, after N untimed: ``relpos.bench.cases.time_rounds``).
 Prints and writes the median per side.
 
     python benchmarks/ab_allocator.py --out benchmarks/allocator-steps-per-call.json
@@ -25,12 +25,12 @@ TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 
 WORKER = r"""
 import json, sys
-from relpos import bench
+from relpos.bench.cases import JaxCase, preset_config, time_rounds
 scheme, k, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-mcfg = bench.preset_config("small")
-cases = [bench.JaxCase(scheme, mcfg, batch=16, length=256, total_steps=1000,
-                       steps_per_call=n) for n in (1, k)]
-times = bench.time_rounds(cases, steps=steps, warmup=steps, repeats=3, log=lambda _: None)
+mcfg = preset_config("small")
+cases = [JaxCase(scheme, mcfg, batch=16, length=256, total_steps=1000,
+                 steps_per_call=n) for n in (1, k)]
+times = time_rounds(cases, steps=steps, warmup=steps, repeats=3, log=lambda _: None)
 out = {}
 for c in cases:
     out[str(c.steps_per_call)] = min(times[c.name]) / steps * 1000

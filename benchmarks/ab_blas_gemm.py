@@ -1,6 +1,6 @@
 """Is the CPU training step limited by XLA:CPU's GEMM kernels?
 
-Times the ``small`` training step (``relpos.bench.JaxCase``) with the model's Linear
+Times the ``small`` training step (``relpos.bench.cases.JaxCase``) with the model's Linear
 layers computed three ways, alternating in one process:
 
 * ``xla_3d``: ``nnx.Linear`` on the ``[B, T, D]`` input (relpos before it flattened);

@@ -1,6 +1,6 @@
 """Before/after ratio of the training step time between two git revisions.
 
-Runs a training step (relpos.bench.JaxCase; default ``small``, batch 16, T 256, fp32) of each
+Runs a training step (relpos.bench.cases.JaxCase; default ``small``, batch 16, T 256, fp32) of each
 revision in alternating subprocesses (A B A B ...) on the same machine, so slow drift of
 a shared host hits both sides alike, and prints the median step time per side and the
 after/before ratio per scheme. The "before" tree is a temporary ``git worktree``.
@@ -24,13 +24,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 WORKER = r"""
 import json, sys
-from relpos import bench
+try:
+    from relpos.bench.cases import JaxCase, preset_config
+except ImportError:  # a "before" revision from when relpos.bench was one module
+    from relpos.bench import JaxCase, preset_config
 schemes = sys.argv[1].split(",")
 steps, batch, length = (int(x) for x in sys.argv[2:5])
-mcfg = bench.preset_config(sys.argv[5])
+mcfg = preset_config(sys.argv[5])
 out = {}
 for s in schemes:
-    c = bench.JaxCase(s, mcfg, batch=batch, length=length, total_steps=1000)
+    c = JaxCase(s, mcfg, batch=batch, length=length, total_steps=1000)
     c.run(2)
     out[s] = {"ms": min(c.run(steps) / steps for _ in range(2)) * 1000,
               "loss": float(c.metrics["loss"]), "compile_s": c.compile_s}

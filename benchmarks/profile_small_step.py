@@ -3,7 +3,7 @@
 Times variants of the real step (make_train_step + make_optimizer, small preset, batch 16,
 T 256, fp32) round-robin in one process, so ratios between them are comparable on a
 noisy machine. Attention variants are swapped in by monkeypatching
-``relpos.attention.dense_attention`` *in this process only* (the library is unchanged).
+``relpos.nn.attention.dense_attention`` *in this process only* (the library is unchanged).
 
     python benchmarks/profile_small_step.py --out benchmarks/profile-small-cpu.json
 """
@@ -19,13 +19,15 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-import relpos.attention as attn
-import relpos.model as model_lib
-from relpos import bench
+import relpos.nn.attention as attn
+import relpos.nn.transformer as model_lib
+from relpos.bench.cases import preset_config, scheme_options
+from relpos.bench.peer import PeerCase
+from relpos.bench.report import cpu_threads
 from relpos.config import OptimSection
 from relpos.io import atomic_write_json
-from relpos.model import TransformerLM
-from relpos.train import fresh_guard, lm_loss, make_optimizer, make_train_step
+from relpos.nn import TransformerLM
+from relpos.training.step import fresh_guard, lm_loss, make_optimizer, make_train_step
 
 ORIGINAL = attn.dense_attention
 ORIGINAL_BLOCK = model_lib.Block.__call__
@@ -103,8 +105,8 @@ class Case:
         # read at trace time (causal_attention looks dense_attention up in its module)
         attn.dense_attention, model_lib.Block.__call__ = variant
         try:
-            mcfg = bench.preset_config("small")
-            model = TransformerLM(mcfg, scheme, bench.scheme_options(scheme, length),
+            mcfg = preset_config("small")
+            model = TransformerLM(mcfg, scheme, scheme_options(scheme, length),
                                   rngs=nnx.Rngs(params=0))
             graphdef, params = nnx.split(model, nnx.Param)
             tx, _ = make_optimizer(OptimSection(), 1000, params)
@@ -158,12 +160,12 @@ def _apply(tx, grads, params, opt_state):
 
 
 class Peer:
-    """x-transformers ALiBi step (see relpos.bench.PeerCase), for scale."""
+    """x-transformers ALiBi step (see relpos.bench.peer.PeerCase), for scale."""
 
     def __init__(self):
         self.name = "x-transformers alibi (torch)"
-        self.case = bench.PeerCase(bench.preset_config("small"), batch=16, length=256,
-                                   threads=bench._cpu_threads())
+        self.case = PeerCase(preset_config("small"), batch=16, length=256,
+                             threads=cpu_threads())
         self.compile_s, self.first_loss = 0.0, None
 
     def run(self, n):

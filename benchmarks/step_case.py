@@ -1,11 +1,11 @@
 """The one training step that ``trace_step_ops.py`` and ``ab_blas_gemm.py`` study: its
-command-line options and the ``relpos.bench.JaxCase`` they describe."""
+command-line options and the ``relpos.bench.cases.JaxCase`` they describe."""
 
 from __future__ import annotations
 
 import argparse
 
-from relpos import bench
+from relpos.bench.cases import JaxCase, preset_config
 
 
 def add_arguments(p: argparse.ArgumentParser, *, steps_per_call: int) -> None:
@@ -17,8 +17,7 @@ def add_arguments(p: argparse.ArgumentParser, *, steps_per_call: int) -> None:
                    help="training steps per compiled call (train.steps_per_call)")
 
 
-def build(args: argparse.Namespace) -> bench.JaxCase:
+def build(args: argparse.Namespace) -> JaxCase:
     """Compiles the step (so a patch that must act while tracing wraps this call)."""
-    return bench.JaxCase(args.scheme, bench.preset_config(args.preset), batch=args.batch,
-                         length=args.length, total_steps=1000,
-                         steps_per_call=args.steps_per_call)
+    return JaxCase(args.scheme, preset_config(args.preset), batch=args.batch,
+                   length=args.length, total_steps=1000, steps_per_call=args.steps_per_call)
