@@ -1,56 +1,63 @@
-"""Typed schemas for the Hydra configs in ``configs/``.
+"""Typed schemas for the Hydra configs in ``configs/``, and building a model from them.
 
-The YAML files start from these dataclasses (``defaults: [schema, ...]``), so a
-misspelt key fails at start-up naming the key. ``bias`` is the exception: its keys are
-the options of the chosen scheme, checked against the scheme's constructor by
-:func:`relpos.positions.build` (which names the bad key and lists the valid ones).
+Every default is written once, here (the model's in :class:`relpos.nn.ModelConfig`, a
+scheme's in its constructor); the YAML files hold presets and interpolations only. The
+YAML files start from these dataclasses (``defaults: [train_schema, ...]``), so a
+misspelt key or an invalid choice fails at start-up naming the key. ``bias`` is the
+exception: its keys are the options of the chosen scheme, checked against the scheme's
+constructor by :func:`relpos.positions.build` (which names the bad key and lists the
+valid ones).
+
+Fields marked ``FREE`` may differ when a run resumes (how to compute, log or evaluate,
+not what is trained); every other field must match the saved run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flax import nnx
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from relpos.model import ModelConfig
+from relpos import positions
+from relpos.errors import RelposError, check_choice
+from relpos.io import config_dir
+from relpos.nn import ModelConfig, TransformerLM
 
-
-def config_dir() -> str:
-    """Absolute path of the packaged config tree (``relpos.configs``), falling back to
-    the source checkout's top-level ``configs/``."""
-    try:
-        import relpos.configs as pkg  # installed or editable: configs/ mapped into the package
-
-        return str(Path(pkg.__path__[0]).resolve())
-    except ImportError:
-        return str(Path(__file__).resolve().parent.parent / "configs")
+FREE = {"resume": "free"}  # field metadata: may change between a run and its resume
 
 
-@dataclass
-class ModelSection:
-    """See :class:`relpos.model.ModelConfig`; ``preset`` is only a label."""
+def choice(default, options: tuple[str, ...], **metadata):
+    """A string field that must be one of ``options`` (checked by :func:`check_choices`,
+    which names the key and lists the valid values in one line)."""
+    return field(default=default, metadata={"choices": tuple(options), **metadata})
 
-    preset: str = "tiny"
-    vocab_size: int | None = None  # None: taken from the tokenizer
-    d_model: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
-    mlp_ratio: int = 4
-    tie_embeddings: bool = True
-    dtype: str = "float32"
-    bias_inside_scale: bool = False
-    share_position: bool = True
-    attn_impl: str = "auto"
-    block_size: int = 512
-    dense_max_len: int = 2048
 
-    def to_model_config(self, vocab_size: int) -> ModelConfig:
-        kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)
-              if f.name != "vocab_size"}
-        return ModelConfig(vocab_size=self.vocab_size or vocab_size, **kw)
+_MODEL_FREE = ("attn_impl", "block_size", "dense_max_len")
+
+
+def _model_section():
+    """``ModelSection``: the fields of :class:`ModelConfig` with their defaults (written
+    once, there), plus ``preset`` (a label) and ``vocab_size=None`` (the tokenizer's)."""
+    hints = typing.get_type_hints(ModelConfig)
+    fields = [("preset", str, field(default="tiny")),
+              ("vocab_size", int | None, field(default=None))]
+    for f in dataclasses.fields(ModelConfig):
+        if f.name == "vocab_size":
+            continue
+        meta = FREE if f.name in _MODEL_FREE else {}  # choices: ModelConfig.validate
+        fields.append((f.name, hints[f.name], field(default=f.default, metadata=meta)))
+    return dataclasses.make_dataclass("ModelSection", fields)
+
+
+ModelSection = _model_section()
 
 
 @dataclass
@@ -65,34 +72,34 @@ class HubSection:
 
 @dataclass
 class DataSection:
-    source: str = "stdlib"  # stdlib | text_files | hub
+    source: str = choice("stdlib", ("stdlib", "text_files", "hub"))
     name: str = "stdlib"  # label used in results and the cache key
     paths: list[str] = field(default_factory=list)  # for text_files
     hub: HubSection = field(default_factory=HubSection)
     tokenizer: str = "bytes"  # bytes | bpe | hub:<name-or-path>
     bpe_vocab_size: int = 4096
     val_fraction: float = 0.05  # documents by hash, when the corpus has no split
-    cache_dir: str = "~/.cache/relpos"
+    cache_dir: str = field(default="~/.cache/relpos", metadata=FREE)
     max_documents: int | None = None  # cap for quick experiments
 
 
 @dataclass
 class TrainSection:
     length: int = 128
-    steps: int = 1000
+    steps: int = 600
     batch_size: int = 16
-    log_every: int = 50
-    checkpoint_every: int = 250
-    keep_checkpoints: int = 2
-    eval_every: int = 0  # 0: evaluate only at the end
+    log_every: int = field(default=50, metadata=FREE)
+    checkpoint_every: int = field(default=200, metadata=FREE)
+    keep_checkpoints: int = field(default=2, metadata=FREE)
+    eval_every: int = field(default=0, metadata=FREE)  # 0: evaluate only at the end
     # steps per compiled call (lax.scan); null: on CPU the largest <= 25 dividing the host
     # intervals (log/checkpoint/eval), 1 on other backends
-    steps_per_call: int | None = None
+    steps_per_call: int | None = field(default=None, metadata=FREE)
     randomized_positions: int = 0  # >0: Ruoss et al. 2023, positions from [0, N)
-    on_nonfinite: str = "error"  # error | skip
-    parallel: str = "none"  # none | data | fsdp: over all devices (relpos.parallel)
-    distributed: bool = False  # call jax.distributed.initialize() first (multi-host)
-    progress: bool = True
+    on_nonfinite: str = choice("error", ("error", "skip"), **FREE)
+    parallel: str = choice("none", ("none", "data", "fsdp"), **FREE)  # over all devices
+    distributed: bool = field(default=False, metadata=FREE)  # jax.distributed.initialize()
+    progress: bool = field(default=True, metadata=FREE)
 
 
 @dataclass
@@ -120,11 +127,13 @@ class OptimSection:
 class EvalSection:
     multiples: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
     lengths: list[int] | None = None  # absolute lengths; overrides multiples
+    # nonoverlap | sliding (checked with the rest of the section: relpos.evaluation)
     modes: list[str] = field(default_factory=lambda: ["nonoverlap", "sliding"])
     stride: int = 0  # sliding stride; 0: half the window
     tokens: int = 16384  # scored target tokens per (length, mode)
     batch_tokens: int = 16384  # windows per forward = max(1, batch_tokens // length)
     loss_chunk: int = 2048  # LM head + loss over this many positions at a time
+    progress: bool = True  # a progress bar over the evaluation's windows
 
 
 @dataclass
@@ -134,10 +143,10 @@ class TrainConfig:
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     optim: OptimSection = field(default_factory=OptimSection)
-    eval: EvalSection = field(default_factory=EvalSection)
+    eval: EvalSection = field(default_factory=EvalSection, metadata=FREE)
     seed: int = 0
-    experiment: str = "default"
-    label: str | None = None  # legend label in plots (default: the scheme name)
+    experiment: str = field(default="default", metadata=FREE)
+    label: str | None = field(default=None, metadata=FREE)  # legend label (default: scheme)
 
 
 @dataclass
@@ -147,18 +156,115 @@ class EvalConfig:
     # Eval-time overrides of position-scheme options (e.g. rope interpolation).
     bias_overrides: dict[str, Any] = field(default_factory=dict)
     output: str = "eval_results.json"  # relative to run_dir
+    label: str | None = None  # the results' label in plots (default: the run's own)
 
 
-@dataclass
-class PlotConfig:
-    inputs: list[str] = field(default_factory=lambda: ["multirun"])
-    out_dir: str = "figures"
-    title: str = ""
-    merge_to: str | None = None  # also write every run's results (+ bias profile) here
+def resume_keys(schema=TrainConfig, prefix: str = "") -> list[str]:
+    """The dotted config keys that must match when a run resumes: every field of the
+    schema not marked :data:`FREE` (``bias`` whole: any option of the scheme)."""
+    keys = []
+    for f in dataclasses.fields(schema):
+        if f.metadata.get("resume") == "free":
+            continue
+        kind = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(kind):
+            keys += resume_keys(type(kind), f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def scheme_slug(name: str) -> str:
+    """A scheme name fit for a folder name: an import path's last part
+    (``my_pkg.biases:GaussianBias`` -> ``GaussianBias``)."""
+    return name.replace(":", ".").rsplit(".", 1)[-1]
 
 
 def register_schemas() -> None:
+    if not OmegaConf.has_resolver("relpos.scheme_slug"):
+        OmegaConf.register_new_resolver("relpos.scheme_slug", scheme_slug)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="eval_schema", node=EvalConfig)
-    cs.store(name="plot_schema", node=PlotConfig)
+    # Every scheme's options with its constructor defaults (written once, there), as
+    # `scheme_defaults/<name>`: the shipped bias/<name>.yaml files start from it. A scheme
+    # with no YAML file of its own (an entry point, a registered plug-in) gets
+    # `bias/<name>` too, so `bias=<name>` selects it.
+    shipped = {p.stem for p in (Path(config_dir()) / "bias").glob("*.yaml")}
+    for name in positions.available():
+        defaults = scheme_defaults(name)
+        cs.store(group="scheme_defaults", name=name, node=defaults)
+        if name not in shipped:
+            cs.store(group="bias", name=name, node={"name": name, **defaults})
+
+
+def scheme_defaults(name: str) -> dict[str, Any]:
+    """A scheme's options with their constructor defaults (those without one omitted)."""
+    params = inspect.signature(positions.lookup(name).__init__).parameters
+    out = {}
+    for key in positions.options_of(positions.lookup(name)):
+        default = params[key].default
+        if default is not inspect.Parameter.empty and isinstance(
+                default, (int, float, str, bool, type(None))):
+            out[key] = default
+    return out
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def plain(x):
+    """A config node (or dataclass) as plain Python containers, resolved."""
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        x = OmegaConf.structured(x)
+    return OmegaConf.to_container(x, resolve=True) if OmegaConf.is_config(x) else x
+
+
+def check_choices(cfg, schema=None, prefix: str = "") -> None:
+    """Every :func:`choice` field of ``cfg`` holds one of its options; else one
+    :class:`RelposConfigError` naming the key and the valid values."""
+    schema = schema or TrainConfig
+    for f in dataclasses.fields(schema):
+        value = getattr(cfg, f.name, None)
+        options = f.metadata.get("choices")
+        if options is not None:
+            check_choice(f"{prefix}{f.name}", value, options)
+        kind = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(kind) and value is not None:
+            check_choices(value, type(kind), f"{prefix}{f.name}.")
+
+
+def bias_options(bias_cfg) -> tuple[str, dict]:
+    """``(scheme name, options)`` of a ``bias`` config node."""
+    opts = dict(plain(bias_cfg))
+    name = opts.pop("name", None)
+    if not name:
+        raise RelposError("bias.name is missing (choose bias=<scheme>)")
+    return name, opts
+
+
+def model_config(model_cfg, vocab_size: int) -> ModelConfig:
+    """The model section of a config (node or dataclass) as a :class:`ModelConfig`;
+    ``vocab_size``: the tokenizer's, unless the section sets one."""
+    d = plain(model_cfg)
+    kw = {f.name: d[f.name] for f in dataclasses.fields(ModelConfig) if f.name in d}
+    kw["vocab_size"] = d.get("vocab_size") or vocab_size
+    return ModelConfig(**kw)
+
+
+def build_model(cfg, vocab_size: int) -> TransformerLM:
+    name, opts = bias_options(cfg.bias)
+    return TransformerLM(model_config(cfg.model, vocab_size), name, opts,
+                         rngs=nnx.Rngs(params=cfg.seed))
+
+
+def load_saved_config(path: Path):
+    """A run's saved ``relpos_config.yaml``. A key added to the schema after the run was
+    saved reads as its default (every such key's default keeps the earlier behaviour,
+    e.g. ``optim.position_lr_scale: 1.0``); a key the schema no longer has is kept as
+    saved."""
+    saved = OmegaConf.load(path)
+    try:
+        return OmegaConf.merge(OmegaConf.structured(TrainConfig), saved)
+    except OmegaConfBaseException:
+        return saved

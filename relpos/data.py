@@ -68,6 +68,9 @@ def _check_files(paths: Iterable[str]) -> list[str]:
     if not paths:
         raise RelposError("data=text_files needs data.paths=[<file>,...] (none given)")
     for p in paths:
+        if os.path.isdir(p):
+            raise RelposError(f"corpus path {p} is a directory; data.paths lists files "
+                              f"(e.g. data.paths=[{p.rstrip('/')}/a.txt,...])")
         if not os.path.isfile(p):
             raise RelposError(f"corpus file not found: {p}")
         if not os.access(p, os.R_OK):

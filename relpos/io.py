@@ -1,4 +1,5 @@
-"""Atomic file writes: a crash mid-write never leaves a truncated file behind."""
+"""Files: atomic writes (a crash mid-write never leaves a truncated file behind) and the
+packaged config tree."""
 
 from __future__ import annotations
 
@@ -44,3 +45,14 @@ def atomic_write_text(path, text: str) -> None:
 
 def atomic_write_json(path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, allow_nan=True) + "\n")
+
+
+def config_dir() -> str:
+    """Absolute path of the packaged config tree (``relpos.configs``), falling back to
+    the source checkout's top-level ``configs/``."""
+    try:
+        import relpos.configs as pkg  # installed or editable: configs/ mapped into the package
+
+        return str(Path(pkg.__path__[0]).resolve())
+    except ImportError:
+        return str(Path(__file__).resolve().parent.parent / "configs")  # a source checkout

@@ -117,6 +117,14 @@ def markdown_table(results: list[dict], mode: str = "nonoverlap") -> str:
     return "\n".join(lines) + "\n"
 
 
+def profile_offsets(train_length: int, max_length: int, points: int = 256) -> np.ndarray:
+    """Every offset up to 2x the training length, then ``points`` log-spaced ones."""
+    dense = np.arange(min(2 * train_length, max_length))
+    tail = np.geomspace(max(len(dense), 1), max_length - 1, points) if max_length > len(dense) \
+        else np.zeros(0)
+    return np.unique(np.concatenate([dense, np.round(tail)]).astype(np.int64))
+
+
 def _save(fig, path: Path) -> None:
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=130, bbox_inches="tight", format="png"))
     plt.close(fig)
@@ -228,8 +236,6 @@ def _compact(profile: dict) -> dict:
     """Profiles written before log-spaced offsets (every offset 0..max-1): subsample."""
     if "offsets" in profile:
         return profile
-    from relpos.evaluate import profile_offsets
-
     L, M = profile["train_length"], profile["max_length"]
     offs = profile_offsets(L, M)
     at_max = np.asarray(profile["at_max"])[:, offs]

@@ -25,16 +25,12 @@ from relpos.positions.base import (
     check_positive_float,
     check_positive_int,
     is_concrete,
+    sinusoidal_frequencies,
+    take_with_policy,
 )
-from relpos.positions.offset import take_with_policy
 from relpos.positions.registry import register
 
 LEARNED_ABS_POLICIES = ("clip", "error")
-
-
-def sinusoidal_frequencies(dim: int, base: float = 10000.0) -> tuple[float, ...]:
-    """``1 / base^(2k/dim)`` for k = 0 .. dim/2 - 1, as Python floats (double precision)."""
-    return tuple(base ** (-2.0 * k / dim) for k in range(dim // 2))
 
 
 def sinusoidal_embedding(positions: jax.Array, dim: int, base: float = 10000.0) -> jax.Array:

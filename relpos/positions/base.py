@@ -1,6 +1,6 @@
 """Base class and shared helpers for position schemes.
 
-A scheme implements any of three hooks (see DESIGN.md):
+A scheme implements any of three hooks:
 
 * ``embed(positions) -> [..., T, D]`` added to the token embeddings;
 * ``rotate(q, k, q_pos, k_pos) -> (q, k)`` applied to queries and keys
@@ -17,22 +17,23 @@ only documents intent.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from relpos.errors import RelposError
+from relpos.errors import (  # noqa: F401  re-exported: schemes import them from here
+    RelposConfigError,
+    check_choice,
+    check_nonnegative_float,
+    check_positive_float,
+    check_positive_int,
+)
 
 try:  # public alias; moved in some JAX versions
     from jax.core import Tracer as _Tracer
 except ImportError:  # pragma: no cover
     from jax._src.core import Tracer as _Tracer
-
-
-class RelposConfigError(RelposError, ValueError):
-    """A bad option: the message names the option and the valid values."""
 
 
 class PositionTable(nnx.Param):
@@ -48,39 +49,6 @@ class PositionScheme(nnx.Module):
 
     #: the registry name; set by :func:`relpos.positions.register`.
     name: str = ""
-
-
-def check_positive_int(option: str, value, *, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int,)) or value < minimum:
-        raise RelposConfigError(
-            f"{option} must be an integer >= {minimum}, got {value!r}"
-        )
-    return int(value)
-
-
-def check_positive_float(option: str, value, *, allow_zero: bool = False) -> float:
-    what = "a number >= 0" if allow_zero else "a positive number"
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise RelposConfigError(f"{option} must be {what}, got {value!r}") from None
-    if not ((v >= 0 if allow_zero else v > 0) and math.isfinite(v)):
-        finite = "a finite number >= 0" if allow_zero else "a positive finite number"
-        raise RelposConfigError(f"{option} must be {finite}, got {value!r}")
-    return v
-
-
-def check_nonnegative_float(option: str, value) -> float:
-    return check_positive_float(option, value, allow_zero=True)
-
-
-def check_choice(option: str, value, choices: Iterable[str]) -> str:
-    choices = tuple(choices)
-    if value not in choices:
-        raise RelposConfigError(
-            f"{option} must be one of {', '.join(map(repr, choices))}; got {value!r}"
-        )
-    return value
 
 
 def relative_offsets(q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
@@ -102,3 +70,21 @@ def causal_distance(q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
 def is_concrete(x) -> bool:
     """True if ``x`` holds values known now (not a tracer inside jit)."""
     return not isinstance(x, _Tracer)
+
+
+def sinusoidal_frequencies(dim: int, base: float = 10000.0) -> tuple[float, ...]:
+    """``1 / base^(2k/dim)`` for k = 0 .. dim/2 - 1, as Python floats (double precision)."""
+    return tuple(base ** (-2.0 * k / dim) for k in range(dim // 2))
+
+
+# offset policy -> (jnp.take mode, fill value for indices past the table)
+_TAKE_MODES = {"clip": ("clip", None), "zero": ("fill", 0.0), "error": ("fill", math.nan)}
+
+
+def take_with_policy(table: jax.Array, index: jax.Array, *, axis: int, policy: str) -> jax.Array:
+    """Gather ``table`` along ``axis`` at non-negative ``index``; indices past the end
+    follow ``policy`` (clip: last entry, zero: 0, error: NaN)."""
+    mode, fill = _TAKE_MODES[policy]
+    if fill is None:
+        return jnp.take(table, index, axis=axis, mode=mode)
+    return jnp.take(table, index, axis=axis, mode=mode, fill_value=fill)

@@ -20,8 +20,6 @@ always passed explicitly.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,23 +34,11 @@ from relpos.positions.base import (
     check_nonnegative_float,
     check_positive_int,
     is_concrete,
+    take_with_policy,
 )
 from relpos.positions.registry import register
 
 OFFSET_POLICIES = ("clip", "zero", "error")
-
-# policy -> (jnp.take mode, fill value for indices past the table)
-_TAKE_MODES = {"clip": ("clip", None), "zero": ("fill", 0.0), "error": ("fill", math.nan)}
-
-
-def take_with_policy(table: jax.Array, index: jax.Array, *, axis: int, policy: str) -> jax.Array:
-    """Gather ``table`` along ``axis`` at non-negative ``index``; indices past the end
-    follow ``policy`` (clip: last entry, zero: 0, error: NaN)."""
-    mode, fill = _TAKE_MODES[policy]
-    if fill is None:
-        return jnp.take(table, index, axis=axis, mode=mode)
-    return jnp.take(table, index, axis=axis, mode=mode, fill_value=fill)
-
 
 def offset_bias(q_pos: jax.Array, k_pos: jax.Array, table: jax.Array,
                 policy: str = "clip") -> jax.Array:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import sys
 from collections.abc import Callable
 from importlib import metadata
 from typing import TypeVar
@@ -65,13 +67,20 @@ def available() -> list[str]:
 
 
 def _import_path(name: str) -> type:
+    """The class at ``module:attr`` (or ``module.attr``). The working directory is
+    searched too, as ``python -m`` would: installed console scripts (``relpos-train``)
+    do not put it on ``sys.path``, and a user's package often sits there."""
     module_name, sep, attr = name.partition(":")
     if not sep:
         module_name, _, attr = name.rpartition(".")
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
     try:
         return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"cannot import position scheme {name!r}: {e}") from None
+        raise ValueError(f"cannot import position scheme {name!r}: {e} (searched the working "
+                         f"directory {cwd} and the installed packages)") from None
 
 
 def lookup(name: str) -> type:
@@ -119,8 +128,41 @@ def build(name: str, *, num_heads: int, head_dim: int, rngs: nnx.Rngs | None = N
                     f"{key!r} is not an option of position scheme {name!r}; "
                     f"valid options: {', '.join(valid) or '(none)'}"
                 )
+    for key, value in options.items():
+        if key in params:
+            _check_option_type(name, key, value, params[key].default)
     if rngs is None:
         rngs = nnx.Rngs(seed)
     supplied = dict(num_heads=num_heads, head_dim=head_dim, rngs=rngs)
     kwargs = {k: v for k, v in supplied.items() if k in params or accepts_any}
-    return cls(**kwargs, **options)
+    scheme = cls(**kwargs, **options)
+    _check_state(name, scheme)
+    return scheme
+
+
+def _check_option_type(scheme: str, key: str, value, default) -> None:
+    """An option whose default is a bool, int, float or str takes a value of that kind
+    (an int where a float is expected; None where the default is None), so a typo such
+    as ``+bias.width=abc`` fails at start-up rather than inside the first forward pass."""
+    kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
+    want = kinds.get(type(default))
+    if want is None or value is None:
+        return
+    if not isinstance(value, want) or (isinstance(value, bool) and type(default) is not bool):
+        raise RelposConfigError(
+            f"option {key!r} of position scheme {scheme!r} must be a {type(default).__name__} "
+            f"(its default is {default!r}), got {value!r}")
+
+
+def _check_state(scheme: str, module) -> None:
+    """A scheme keeps its arrays in NNX Variables: a plain array attribute cannot be
+    split from the model's parameters (NNX raises a long traceback at training)."""
+    if not isinstance(module, nnx.Module):
+        return
+    for path, value in nnx.state(module).flat_state():
+        if not isinstance(value, nnx.Variable):
+            attr = ".".join(map(str, path))
+            raise RelposConfigError(
+                f"position scheme {scheme!r} keeps a plain array in attribute {attr!r}: wrap a "
+                f"learned one in nnx.Param(...), keep a fixed one as a tuple or a Python float, "
+                f"or compute it in the hook")

@@ -32,13 +32,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from relpos.positions.absolute import sinusoidal_frequencies
 from relpos.positions.base import (
     PositionScheme,
     RelposConfigError,
     check_choice,
     check_positive_float,
     check_positive_int,
+    sinusoidal_frequencies,
 )
 from relpos.positions.registry import register
 

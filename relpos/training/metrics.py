@@ -7,7 +7,14 @@ import logging
 import math
 from pathlib import Path
 
+from relpos import plots
+
 log = logging.getLogger(__name__)
+
+
+def json_safe(v):
+    """A metric value as strict JSON allows: non-finite floats become null."""
+    return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 class MetricLogger:
@@ -27,17 +34,17 @@ class MetricLogger:
         self.hparams = hparams or {}
 
     def scalars(self, row: dict, step: int) -> None:
-        row = {"step": step, **{k: v for k, v in row.items() if k != "step"}}
-        self.jsonl.write(json.dumps(row) + "\n")
+        row = {"step": step, **{k: json_safe(v) for k, v in row.items() if k != "step"}}
+        self.jsonl.write(json.dumps(row, allow_nan=False) + "\n")
         self.jsonl.flush()
         if self.tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
                     self.tb.add_scalar(k, v, step)
         if "loss" in row:
-            log.info("step %d loss %.4f grad_norm %.3f lr %.2e tok/s %.0f", step, row["loss"],
-                     row.get("grad_norm", float("nan")), row.get("lr", float("nan")),
-                     row.get("tokens_per_second", float("nan")))
+            log.info("step %d loss %s grad_norm %s lr %s tok/s %s", step, *(
+                _fmt(row.get(k), f) for k, f in (("loss", ".4f"), ("grad_norm", ".3f"),
+                                                 ("lr", ".2e"), ("tokens_per_second", ".0f"))))
 
     def final(self, results: dict) -> None:
         """Hyper-parameters against the final metrics (TensorBoard's HPARAMS tab)."""
@@ -47,12 +54,10 @@ class MetricLogger:
                    for e in results.get("eval", []) if math.isfinite(e["ppl"])}
         self.tb.add_hparams(self.hparams, metrics, name=".")
 
-    def bias_figure(self, profile_path: Path, step: int) -> None:
-        if self.tb is None or not profile_path.exists():
+    def bias_figure(self, profile: dict | None, step: int) -> None:
+        if self.tb is None or profile is None:
             return
-        from relpos import plots
-
-        fig = plots.bias_profile_figure(json.loads(profile_path.read_text()))
+        fig = plots.bias_profile_figure(profile)
         if fig is not None:
             self.tb.add_figure("position_bias", fig, step)
 
@@ -60,6 +65,10 @@ class MetricLogger:
         self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _fmt(v, spec: str) -> str:
+    return "n/a" if v is None else format(v, spec)
 
 
 def _ends_with_newline(path: Path) -> bool:

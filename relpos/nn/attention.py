@@ -14,7 +14,7 @@ keys); positions feed only the position scheme, so sliding windows and randomize
 positions share one code path. On the dense and blockwise paths scores, bias and softmax
 are fp32 whatever the input dtype.
 
-Where the bias goes (REFERENCES.md): the papers' convention ``q.k * scale + b``
+Where the bias goes: the papers' convention ``q.k * scale + b``
 (``bias_inside_scale=False``, default) or the seed formula ``(q.k + b) * scale``.
 """
 
@@ -315,11 +315,19 @@ def causal_attention(q, k, v, *, q_pos, k_pos, bias: Bias = None, scale: float |
       bias: None, an array ``[H|B,H, Tq, Tk]``, or a callable ``(q_pos, k_pos) ->
         [H, len(q_pos), len(k_pos)]`` (evaluated per block on the blockwise path).
       scale: logit scale, default ``1/sqrt(d)``.
-      impl: ``auto | dense | blockwise | cudnn`` (see :func:`choose_impl`).
+      impl: ``auto | dense | blockwise | cudnn`` (see :func:`choose_impl`; under ``auto``
+        any bias is treated as learned, so cuDNN is used for it only after its bias
+        gradient passed :func:`cudnn_bias_grad_ok`).
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    impl = choose_impl(impl, length=k.shape[1], dtype=q.dtype, dense_max_len=dense_max_len)
+    # A direct caller's bias may be learned (a gradient flows into it): under auto it
+    # takes cuDNN only where cuDNN's bias gradient was checked (TransformerLM knows
+    # whether its bias is learned and resolves auto itself).
+    impl = choose_impl(impl, length=k.shape[1], dtype=q.dtype, dense_max_len=dense_max_len,
+                       learned_bias=bias is not None,
+                       batched_bias=jnp.ndim(q_pos) == 2 or jnp.ndim(k_pos) == 2,
+                       head_dim=q.shape[-1])
     kw = dict(bias=bias, q_pos=jnp.asarray(q_pos), k_pos=jnp.asarray(k_pos), scale=scale,
               bias_inside_scale=bias_inside_scale)
     if impl == "dense":

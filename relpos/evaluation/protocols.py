@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm.auto import tqdm
 
 from relpos.errors import RelposError
-from relpos.io import atomic_write_json
 
 MODES = ("nonoverlap", "sliding")
 
@@ -34,12 +34,12 @@ def eval_lengths(ecfg, train_length: int) -> list[int]:
 
 
 def check_eval_config(ecfg) -> None:
-    lengths = list(ecfg.lengths or []) + list(ecfg.multiples or [])
-    if not lengths:
+    if not (ecfg.lengths or ecfg.multiples):
         raise RelposError("eval.multiples or eval.lengths must list at least one length")
-    for x in lengths:
-        if isinstance(x, bool) or not isinstance(x, int) or x < 1:
-            raise RelposError(f"eval lengths must be integers >= 1, got {x!r}")
+    for key in ("lengths", "multiples"):
+        for x in getattr(ecfg, key) or []:
+            if isinstance(x, bool) or not isinstance(x, int) or x < 1:
+                raise RelposError(f"eval.{key} entries must be integers >= 1, got {x!r}")
     for m in ecfg.modes:
         if m not in MODES:
             raise RelposError(f"eval.modes entries must be one of {', '.join(MODES)}; got {m!r}")
@@ -144,7 +144,7 @@ def _log_bins(length: int) -> list[int]:
 
 
 def score_windows(nll_fn, params, val: np.ndarray, length: int, starts, first, limit,
-                  batch: int):
+                  batch: int, progress=None):
     """Sum per-position NLL over windows; ``limit``: last scored target index + 1."""
     sums = np.zeros(length, np.float64)
     counts = np.zeros(length, np.float64)
@@ -164,6 +164,8 @@ def score_windows(nll_fn, params, val: np.ndarray, length: int, starts, first, l
         ps, pc = nll_fn(params, win[:, :-1], win[:, 1:], w.astype(np.float32))
         sums += np.asarray(ps, np.float64)
         counts += np.asarray(pc, np.float64)
+        if progress is not None:
+            progress.update(n)
     return sums, counts
 
 
@@ -175,13 +177,16 @@ def evaluate(model, val: np.ndarray, *, train_length: int, ecfg) -> list[dict]:
     graphdef, params = nnx.split(model)
     nll_fn = make_nll_fn(graphdef, ecfg.loss_chunk)
     out = []
-    for mode in ecfg.modes:
-        plan, e = window_plan(val.size, lengths, mode, ecfg)
+    plans = {mode: window_plan(val.size, lengths, mode, ecfg) for mode in ecfg.modes}
+    progress = _progress(sum(len(p[L][0]) for p, _ in plans.values() for L in lengths),
+                         getattr(ecfg, "progress", False))
+    for mode, (plan, e) in plans.items():
         for L in lengths:
             starts, first, offset = plan[L]
             batch = max(1, ecfg.batch_tokens // L)
+            progress.set_description(f"eval {mode} {L}")
             sums, counts = score_windows(nll_fn, params, val, L, starts, first,
-                                         offset + e + 1, batch)
+                                         offset + e + 1, batch, progress=progress)
             total = counts.sum()
             loss = float(sums.sum() / total)
             edges = _log_bins(L)
@@ -197,6 +202,7 @@ def evaluate(model, val: np.ndarray, *, train_length: int, ecfg) -> list[dict]:
             if mode == "sliding":
                 entry["stride"] = _stride(ecfg, L)
             out.append(entry)
+    progress.close()
     return out
 
 
@@ -211,90 +217,6 @@ def quick_val_loss(model, val: np.ndarray, length: int, ecfg) -> float:
     return float(sums.sum() / counts.sum())
 
 
-def profile_offsets(train_length: int, max_length: int, points: int = 256) -> np.ndarray:
-    """Every offset up to 2x the training length, then ``points`` log-spaced ones."""
-    dense = np.arange(min(2 * train_length, max_length))
-    tail = np.geomspace(max(len(dense), 1), max_length - 1, points) if max_length > len(dense) \
-        else np.zeros(0)
-    return np.unique(np.concatenate([dense, np.round(tail)]).astype(np.int64))
-
-
-def bias_profile(model, *, train_length: int, max_length: int, window: int = 32) -> dict | None:
-    """The learned (or fixed) bias of layer 0's scheme, for plots.
-
-    ``at_max[h][n]``: ``b_h(i, i - offsets[n])`` with the query at i = max_length - 1;
-    ``at_train``: the same with i = train_length - 1, for offsets < train_length (the
-    two differ only for schemes that depend on i, such as FIRE); ``window``: the full
-    ``[H, window, window]`` bias of a causal window starting at position 0. Offsets are
-    log-spaced beyond 2x the training length to keep the file small.
-    """
-    scheme = model.position
-    if not callable(getattr(scheme, "bias", None)):
-        return None
-    offsets = profile_offsets(train_length, max_length)
-
-    def profile(i, offs):
-        b = scheme.bias(jnp.array([i], jnp.int32), jnp.asarray(i - offs, jnp.int32))
-        return np.round(np.asarray(b[:, 0], np.float64), 6).tolist()  # [H, len(offs)]
-
-    pos = jnp.arange(window, dtype=jnp.int32)
-    return {
-        "scheme": getattr(model, "position_name", type(scheme).__name__),
-        "train_length": train_length, "max_length": max_length,
-        "offsets": offsets.tolist(),
-        "at_max": profile(max_length - 1, offsets),
-        "at_train": profile(train_length - 1, offsets[offsets < train_length]),
-        "window": np.round(np.asarray(scheme.bias(pos, pos), np.float64), 6).tolist(),
-    }
-
-
-def save_bias_profile(model, path, *, train_length: int, max_length: int) -> None:
-    prof = bias_profile(model, train_length=train_length, max_length=max_length)
-    if prof is not None:
-        atomic_write_json(path, prof)
-
-
-def evaluate_run(cfg) -> dict:
-    """``relpos-eval``: rebuild a finished run from its directory, restore its latest
-    checkpoint and evaluate with ``cfg.eval`` (and optional scheme-option overrides)."""
-    from pathlib import Path
-
-    from omegaconf import OmegaConf
-
-    from relpos import data as data_lib
-    from relpos import train as train_lib
-
-    run_dir = Path(cfg.run_dir).expanduser()
-    saved = run_dir / "relpos_config.yaml"
-    if not saved.exists():
-        raise RelposError(f"{run_dir} is not a relpos run directory (no relpos_config.yaml)")
-    tcfg = train_lib.load_saved_config(saved)
-    if cfg.bias_overrides:
-        tcfg.bias = OmegaConf.merge(tcfg.bias, cfg.bias_overrides)
-    check_eval_config(cfg.eval)
-    corpus = data_lib.load_corpus(tcfg.data)
-    check_lengths_fit(cfg.eval, tcfg.train.length, corpus.val.size)
-    model = train_lib.build_model(tcfg, corpus.vocab_size)
-    check_positions_reach(model, max(eval_lengths(cfg.eval, tcfg.train.length)))
-    graphdef, params = nnx.split(model, nnx.Param)
-    tx, _ = train_lib.make_optimizer(tcfg.optim, tcfg.train.steps, params)
-    ckpt = train_lib.Checkpoints(run_dir / "checkpoints", tcfg.train.keep_checkpoints)
-    restored = ckpt.restore_latest({"params": params, "opt_state": tx.init(params),
-                                    "guard": train_lib.fresh_guard()})
-    ckpt.close()
-    if restored is None:
-        raise RelposError(f"no checkpoint in {run_dir / 'checkpoints'}")
-    step, state, _ = restored
-    model = nnx.merge(graphdef, state["params"])
-    base = {}
-    if (run_dir / "results.json").exists():
-        import json
-
-        base = json.loads((run_dir / "results.json").read_text())
-    name, opts = train_lib.bias_options(tcfg.bias)
-    results = {**{k: v for k, v in base.items() if k != "eval"},
-               "bias": name, "bias_options": opts, "train_length": tcfg.train.length,
-               "seed": tcfg.seed, "checkpoint_step": step,
-               "eval": evaluate(model, corpus.val, train_length=tcfg.train.length, ecfg=cfg.eval)}
-    atomic_write_json(run_dir / cfg.output, results)
-    return results
+def _progress(total: int, enabled: bool):
+    return tqdm(total=total, disable=not enabled, unit="window", dynamic_ncols=True,
+                mininterval=1.0, leave=False)

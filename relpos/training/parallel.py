@@ -1,6 +1,6 @@
 """Data-parallel (and optionally FSDP) training with ``jax.sharding``.
 
-The training step is :func:`relpos.train.make_train_step` unchanged: ``jax.jit``
+The training step is :func:`relpos.training.step.make_train_step` unchanged: ``jax.jit``
 partitions it from the shardings of its inputs (GSPMD). This module only builds a 1-D
 device mesh with axis ``"data"``, places the state and batches, and re-jits the step
 with explicit output shardings so that the state keeps its layout from step to step
@@ -14,7 +14,7 @@ with explicit output shardings so that the state keeps its layout from step to s
   indivisible arrays stay replicated); XLA all-gathers them for the forward/backward.
 
 Simulate devices on CPU with ``XLA_FLAGS=--xla_force_host_platform_device_count=4``
-(set before JAX initialises), as ``tests/test_parallel.py`` does.
+(set before JAX initialises), as the tests do.
 
 Example::
 
@@ -36,6 +36,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from relpos.errors import RelposError
+from relpos.training.step import fresh_guard, pure_step
 
 AXIS = "data"
 
@@ -107,12 +108,10 @@ def place_batch(mesh: Mesh, tokens, positions, *, stacked: bool = False):
 def make_parallel_train_step(graphdef, tx, mesh: Mesh, params, opt_state, *,
                              fsdp: bool = False, batched_positions: bool = False,
                              multi: bool = False):
-    """:func:`relpos.train.make_train_step` (``multi``: several steps per call) with the
+    """:func:`relpos.training.step.make_train_step` (``multi``: several steps per call) with the
     mesh layout pinned on its inputs and outputs. ``params`` and ``opt_state`` (arrays or
     abstract shapes) give the tree structure; the returned function has the step's
     signature and donates the state."""
-    from relpos.train import fresh_guard, pure_step
-
     step = pure_step(graphdef, tx, multi=multi)
     rep = replicated(mesh)
     p_sh = state_shardings(mesh, params, fsdp=fsdp)

@@ -1,0 +1,42 @@
+"""``relpos-train``: train one run (or a Hydra multirun sweep), evaluate, print the table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from relpos import runs
+from relpos.cli.common import format_table, interruptible, path_override, report
+from relpos.config import register_schemas
+from relpos.io import config_dir
+from relpos.training.loop import Preempted
+
+register_schemas()
+
+
+def summary(results: dict, run_dir: Path) -> str:
+    tps = results.get("train_tokens_per_second")
+    tps = f"{tps:,.0f}" if tps else "n/a"
+    resumed = results.get("resumed_from_step")
+    return (f"bias={results['bias']} seed={results['seed']} params={results['params']:,} "
+            f"train_tokens={results['train_tokens']:,} "
+            f"train_seconds={results['train_seconds']:.1f} train_tokens/s={tps}"
+            + (f" (resumed from step {resumed})" if resumed else "") + "\n"
+            f"run dir: {run_dir}\n"
+            f"re-evaluate: relpos-eval {path_override('run_dir', run_dir)}")
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+def _train(cfg: DictConfig) -> float:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    results = report("relpos-train", lambda: runs.train(cfg, run_dir), stopped=(Preempted,))
+    print(format_table(results))
+    print(summary(results, run_dir), flush=True)
+    return results["eval"][0]["loss"]  # for Hydra sweepers that minimise
+
+
+def main() -> None:
+    interruptible("relpos-train", _train)

@@ -1,0 +1,375 @@
+"""The two jobs behind the commands: train a run (``relpos-train``) and re-evaluate one
+(``relpos-eval``). Each wires the library together: corpus, model, step, the training
+loop and its hooks, evaluation, and the files of the run directory."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from relpos import data as data_lib
+from relpos import evaluation
+from relpos.config import (
+    bias_options,
+    build_model,
+    check_choices,
+    load_saved_config,
+    model_config,
+    plain,
+    resume_keys,
+)
+from relpos.errors import RelposError, check_positive_float, check_positive_int
+from relpos.io import atomic_write_json, atomic_write_text
+from relpos.nn import count_params
+from relpos.positions import lookup as lookup_scheme
+from relpos.training import parallel as par
+from relpos.training.checkpoint import Checkpoints, has_checkpoint
+from relpos.training.loop import StepInfo, Trainer, TrainState, check_guard, tokens_per_second
+from relpos.training.metrics import MetricLogger
+from relpos.training.step import fresh_guard, last_metric, make_optimizer, make_train_step
+
+log = logging.getLogger(__name__)
+
+# Up to 25: XLA:CPU faults its temporary buffer in afresh on every call (`small`: 18.4k
+# page faults a step at 10 per call, 7.2k at 25; median step 461 vs 449 ms, 447 at 50;
+# benchmarks/README.md). More would delay the answer to a preemption signal, which is
+# honoured between calls, for little gain.
+AUTO_STEPS_PER_CALL = 25
+
+
+def notify(message: str) -> None:
+    """A line for the console (whose log level shows warnings only) and train.log."""
+    log.info(message)
+    tqdm.write(message, file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def check_train_config(cfg) -> None:
+    check_choices(cfg)
+    t = cfg.train
+    for key in ("length", "steps", "batch_size", "log_every", "checkpoint_every",
+                "keep_checkpoints"):
+        check_positive_int(f"train.{key}", getattr(t, key))
+    check_positive_int("train.eval_every", t.eval_every, minimum=0)
+    k = t.steps_per_call
+    if k is not None:
+        check_positive_int("train.steps_per_call", k)
+        every = host_intervals(t)
+        bad = [f"train.{name}={v}" for name, v in every.items() if v % k]
+        if bad:  # a call may not run past a step where the host logs, saves or evaluates
+            g = math.gcd(*every.values())
+            fits = [d for d in range(2, min(g, 64) + 1) if g % d == 0]
+            raise RelposError(
+                f"train.steps_per_call={k} must divide {', '.join(bad)}; choose "
+                f"{'one of ' + ', '.join(map(str, fits)) if fits else '1'}, or null (auto)")
+    if t.randomized_positions and t.randomized_positions < t.length:
+        raise RelposError(f"train.randomized_positions={t.randomized_positions} must be 0 "
+                          f"(off) or >= train.length={t.length}")
+    evaluation.check_eval_config(cfg.eval)
+    name, _ = bias_options(cfg.bias)
+    try:
+        lookup_scheme(name)  # before loading the corpus: an unknown name fails now
+    except ValueError as e:
+        raise RelposError(str(e)) from None
+    model_config(cfg.model, cfg.model.vocab_size or 1).validate()  # vocab: tokenizer's, later
+    check_positive_float("optim.lr", cfg.optim.lr)
+    check_positive_float("optim.position_lr_scale", cfg.optim.position_lr_scale)
+
+
+def host_intervals(t) -> dict[str, int]:
+    """The step intervals at which the host logs, saves and evaluates."""
+    every = {"log_every": t.log_every, "checkpoint_every": t.checkpoint_every}
+    if t.eval_every:
+        every["eval_every"] = t.eval_every
+    return every
+
+
+def steps_per_call(t, backend: str | None = None) -> int:
+    """``train.steps_per_call``, or for null (auto) on CPU the largest number up to
+    :data:`AUTO_STEPS_PER_CALL` that divides every host interval (so no call runs past
+    a log, checkpoint or evaluation step; log_every 50 and checkpoint_every 200 -> 25),
+    and 1 on other backends: on an H100 the trainer ran 0.70x as fast at 10 per call
+    (benchmarks/README.md), though relpos-bench's step alone gains 1-8% there."""
+    if t.steps_per_call is not None:
+        return t.steps_per_call
+    if (backend or jax.default_backend()) != "cpu":
+        return 1
+    g = math.gcd(*host_intervals(t).values())
+    return max(d for d in range(1, AUTO_STEPS_PER_CALL + 1) if g % d == 0)
+
+
+def default_label(scheme: str, optim) -> str:
+    """A run's label in plots when ``label`` is unset: the scheme, plus the position
+    learning-rate scale when it is not 1."""
+    k = optim.position_lr_scale
+    return scheme if k == 1 else f"{scheme} (position lr x{k:g})"
+
+
+def check_resume_compatible(run_dir: Path, cfg) -> None:
+    """Refuse a run directory whose saved run differs in a key that must match
+    (:func:`relpos.config.resume_keys`), naming the keys."""
+    saved_path = run_dir / "relpos_config.yaml"
+    if not saved_path.exists() or not has_checkpoint(run_dir / "checkpoints"):
+        return  # nothing to resume (e.g. an earlier attempt stopped at a start-up check)
+    saved = plain(load_saved_config(saved_path))
+    current = plain(cfg)  # the saved config is resolved (offset size: ${train.length})
+    diff = []
+    for key in resume_keys():
+        a, b = _select(saved, key), _select(current, key)
+        if a != b:
+            if isinstance(a, dict) and isinstance(b, dict):
+                diff += [f"{key}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            else:
+                diff.append(key)
+    if diff:
+        raise RelposError(
+            f"run directory {run_dir} holds a run with a different configuration "
+            f"({', '.join(diff)}); use a new hydra.run.dir or restore those values")
+
+
+def _select(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train(cfg, run_dir: Path) -> dict[str, Any]:
+    """Train (resuming if ``run_dir`` has a checkpoint), evaluate, write results.json."""
+    with contextlib.ExitStack() as closing:  # checkpointer, logs, progress bar: any exit
+        return _train(cfg, run_dir, closing)
+
+
+def _prepare_run_dir(cfg, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not os.access(run_dir, os.W_OK):
+        raise RelposError(f"output directory is not writable: {run_dir}")
+    check_resume_compatible(run_dir, cfg)
+    atomic_write_text(run_dir / "relpos_config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def _train(cfg, run_dir: Path, closing: contextlib.ExitStack) -> dict[str, Any]:
+    check_train_config(cfg)
+    if cfg.train.distributed:  # multi-host: before any JAX computation (SLURM env is read)
+        jax.distributed.initialize()
+    _prepare_run_dir(cfg, run_dir)
+    corpus = data_lib.load_corpus(cfg.data)
+    t = cfg.train
+    evaluation.check_lengths_fit(cfg.eval, t.length, corpus.val.size)
+    model = build_model(cfg, corpus.vocab_size)
+    evaluation.check_positions_reach(
+        model, max(evaluation.eval_lengths(cfg.eval, t.length) + [t.randomized_positions]))
+    graphdef, params = nnx.split(model, nnx.Param)
+    n_params = count_params(model)
+    tx, schedule = make_optimizer(cfg.optim, t.steps, params)
+    state = TrainState(params, tx.init(params), fresh_guard())
+    per_call = steps_per_call(t)
+    multi = per_call > 1
+    step_fn = make_train_step(graphdef, tx, multi=multi)
+
+    ckpt = Checkpoints(run_dir / "checkpoints", t.keep_checkpoints)
+    closing.callback(ckpt.close)
+    restored = ckpt.restore_latest(state.arrays, set_aside=True)
+    if restored is not None:
+        step, arrays, meta = restored
+        state = TrainState(**arrays, step=step, train_seconds=meta.get("train_seconds", 0.0))
+        notify(f"resumed from step {step} in {run_dir}")
+    place = lambda tokens, pos: (tokens, pos)  # noqa: E731
+    if t.parallel != "none":  # data parallel / FSDP over every visible device
+        mesh = par.data_mesh()
+        par.check_batch(mesh, t.batch_size)
+        fsdp = t.parallel == "fsdp"
+        step_fn = par.make_parallel_train_step(graphdef, tx, mesh, state.params,
+                                               state.opt_state, fsdp=fsdp,
+                                               batched_positions=bool(t.randomized_positions),
+                                               multi=multi)
+        state.params, state.opt_state, state.guard = par.place_state(
+            mesh, (state.params, state.opt_state, state.guard), fsdp=fsdp)
+        place = lambda tokens, pos: par.place_batch(mesh, tokens, pos, stacked=multi)  # noqa: E731
+        log.info("%s over %d devices", t.parallel, mesh.size)
+
+    name, opts = bias_options(cfg.bias)
+    log.info("model: %s, %d parameters, bias=%s, %d steps per call", cfg.model.preset,
+             n_params, name, per_call)
+    metrics = closing.enter_context(contextlib.closing(
+        MetricLogger(run_dir, hparams=_hparams(cfg), enable_tb=True)))
+    batches = _batches(cfg, corpus.train, multi, place)
+    progress = closing.enter_context(contextlib.closing(tqdm(
+        total=t.steps, initial=state.step, disable=not t.progress, desc="train", unit="step",
+        dynamic_ncols=True, mininterval=1.0)))
+    trainer = Trainer(step_fn, batches, total_steps=t.steps, steps_per_call=per_call,
+                      progress=progress)
+    tokens_per_step = t.batch_size * t.length
+    last = {"loss": None, "step": state.step, "steady_steps": 0, "steady_seconds": 0.0}
+
+    def log_row(info: StepInfo):
+        check_guard(info.state.guard, t.on_nonfinite, info.state.step)
+        clock, step = info.clock, info.state.step
+        skipped = int(info.state.guard["skipped"])
+        loss = last_metric(info.metrics["loss"])
+        tok_s = tokens_per_second(
+            (clock.steady_steps - last["steady_steps"]) * tokens_per_step,
+            clock.steady_seconds - last["steady_seconds"])
+        last.update(loss=loss, step=step, steady_steps=clock.steady_steps,
+                    steady_seconds=clock.steady_seconds)
+        row = {"step": step, "loss": loss, "grad_norm": last_metric(info.metrics["grad_norm"]),
+               # skipped steps leave the optimiser's count (and so the lr) behind
+               "lr": float(schedule(step - 1 - skipped)), "tokens_per_second": tok_s,
+               "skipped_steps": skipped}
+        metrics.scalars(row, step)
+        progress.set_postfix(loss=f"{loss:.3f}",
+                             tok_s="n/a" if tok_s is None else f"{tok_s:,.0f}")
+
+    def save(info: StepInfo):
+        if info.state.step % t.log_every and not (info.final or info.stopping):
+            log_row(info)  # every checkpoint has its log row (the log hook ran otherwise)
+        ckpt.save(info.state.step, info.state.arrays,
+                  {"step": info.state.step, "train_seconds": info.state.train_seconds})
+
+    def validate(info: StepInfo):
+        val = evaluation.quick_val_loss(nnx.merge(graphdef, info.state.params), corpus.val,
+                                        t.length, cfg.eval)
+        metrics.scalars({"val_loss": val}, info.state.step)
+
+    trainer.add_hook(log_row, t.log_every, on_stop=True)
+    trainer.add_hook(save, t.checkpoint_every, on_stop=True)
+    trainer.add_hook(validate, t.eval_every, at_end=False)
+    start = state.step
+    state = trainer.run(state, stop_hint=(
+        f"checkpoint saved in {run_dir}; to resume, rerun the same command with "
+        f"{shlex.quote(f'hydra.run.dir={run_dir}')}"))  # the default run dir holds a timestamp
+    progress.close()
+
+    clock_tokens = last["steady_steps"] * tokens_per_step
+    results = {
+        "bias": name, "train_length": t.length, "seed": cfg.seed,
+        "tokenizer": corpus.tokenizer, "dataset": corpus.name,
+        "dataset_fingerprint": corpus.fingerprint, "params": n_params,
+        "model": plain(cfg.model), "experiment": cfg.experiment,
+        "label": cfg.label or default_label(name, cfg.optim),
+        "bias_options": opts,
+        "optim": plain(cfg.optim),
+        "bias_convention": "inside_scale" if cfg.model.bias_inside_scale else "after_scale",
+        "train_steps": t.steps, "train_tokens": t.steps * tokens_per_step,
+        "train_seconds": round(state.train_seconds, 3),
+        "train_tokens_per_second": tokens_per_second(clock_tokens, last["steady_seconds"]),
+        "resumed_from_step": start or None,
+        "final_train_loss": last["loss"],
+        "skipped_steps": int(state.guard["skipped"]),
+        "backend": jax.default_backend(),
+    }
+    model = nnx.merge(graphdef, state.params)
+    results["eval"] = evaluation.evaluate(model, corpus.val, train_length=t.length,
+                                          ecfg=cfg.eval)
+    profile = evaluation.save_bias_profile(
+        model, run_dir / "bias_profile.json", train_length=t.length,
+        max_length=max(e["length"] for e in results["eval"]))
+    for e in results["eval"]:
+        metrics.scalars({f"eval_{e['mode']}/ppl_L{e['length']}": e["ppl"]}, t.steps)
+    metrics.bias_figure(profile, t.steps)
+    metrics.final(results)
+    atomic_write_json(run_dir / "results.json", results)
+    return results
+
+
+def _batches(cfg, train_tokens: np.ndarray, multi: bool, place):
+    """``batches(step, n)``: the training windows of steps ``step .. step+n-1`` (stacked
+    ``[n, B, T+1]`` for a multi-step call), a function of (seed, step) only."""
+    t = cfg.train
+    fixed_positions = jnp.arange(t.length, dtype=jnp.int32)  # on device once
+
+    def batch_at(step):
+        tokens = data_lib.train_batch(train_tokens, seed=cfg.seed, step=step,
+                                      batch_size=t.batch_size, length=t.length)
+        if t.randomized_positions:
+            return tokens, data_lib.random_positions(
+                seed=cfg.seed, step=step, batch_size=t.batch_size, length=t.length,
+                max_position=t.randomized_positions)
+        return tokens, fixed_positions
+
+    def batches(step, n):
+        if not multi:
+            return place(*batch_at(step))
+        tokens, pos = zip(*(batch_at(s) for s in range(step, step + n)))
+        pos = np.stack(pos) if t.randomized_positions else fixed_positions
+        return place(np.stack(tokens), pos)
+
+    return batches
+
+
+def _hparams(cfg) -> dict:
+    name, opts = bias_options(cfg.bias)
+    flat = {"bias": name, "seed": cfg.seed, "train_length": cfg.train.length,
+            "steps": cfg.train.steps, "batch_size": cfg.train.batch_size, "lr": cfg.optim.lr}
+    flat.update({f"model.{k}": v for k, v in plain(cfg.model).items()
+                 if isinstance(v, (int, float, str, bool))})
+    flat.update({f"bias.{k}": v for k, v in opts.items() if isinstance(v, (int, float, str, bool))})
+    return flat
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate_run(cfg) -> dict:
+    """``relpos-eval``: rebuild a finished run from its directory, restore the parameters
+    of its latest checkpoint (no optimiser is built) and evaluate with ``cfg.eval`` (and
+    optional scheme-option overrides); writes ``<run_dir>/<output>``."""
+    run_dir = Path(cfg.run_dir).expanduser()
+    saved = run_dir / "relpos_config.yaml"
+    if not saved.exists():
+        raise RelposError(f"{run_dir} is not a relpos run directory (no relpos_config.yaml); "
+                          "give run_dir=<the run directory relpos-train printed>")
+    tcfg = load_saved_config(saved)
+    if cfg.bias_overrides:
+        tcfg.bias = OmegaConf.merge(tcfg.bias, cfg.bias_overrides)
+    evaluation.check_eval_config(cfg.eval)
+    corpus = data_lib.load_corpus(tcfg.data)
+    evaluation.check_lengths_fit(cfg.eval, tcfg.train.length, corpus.val.size)
+    model = build_model(tcfg, corpus.vocab_size)
+    evaluation.check_positions_reach(
+        model, max(evaluation.eval_lengths(cfg.eval, tcfg.train.length)))
+    graphdef, params = nnx.split(model, nnx.Param)
+    ckpt = Checkpoints(run_dir / "checkpoints", tcfg.train.keep_checkpoints)
+    try:
+        restored = ckpt.restore_params(params)
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise RelposError(f"no checkpoint in {run_dir / 'checkpoints'}")
+    step, params = restored
+    model = nnx.merge(graphdef, params)
+    base = {}
+    if (run_dir / "results.json").exists():
+        base = json.loads((run_dir / "results.json").read_text())
+    name, opts = bias_options(tcfg.bias)
+    label = cfg.label or base.get("label") or default_label(name, tcfg.optim)
+    if cfg.bias_overrides and not cfg.label:  # another scheme setting: another curve
+        label += " (" + ", ".join(f"{k}={v}" for k, v in plain(cfg.bias_overrides).items()) + ")"
+    results = {**{k: v for k, v in base.items() if k != "eval"},
+               "bias": name, "bias_options": opts, "train_length": tcfg.train.length,
+               "seed": tcfg.seed, "label": label, "checkpoint_step": step,
+               "bias_overrides": plain(cfg.bias_overrides) or None,
+               "eval": evaluation.evaluate(model, corpus.val, train_length=tcfg.train.length,
+                                           ecfg=cfg.eval)}
+    atomic_write_json(run_dir / cfg.output, results)
+    return results

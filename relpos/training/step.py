@@ -1,0 +1,135 @@
+"""The training step: AdamW (optax) and a pure, jit-compiled update with a non-finite guard.
+
+State between steps is a pure pytree ``(params, opt_state, guard)``; the model's graph
+definition is closed over by the step function (NNX split/merge style), so no Python
+graph walk happens per step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from relpos.positions import PositionTable
+
+
+def decay_mask(params, decay_tables: bool):
+    """Weight decay on matrices only (not norms, biases, scalars), and on position
+    tables only when asked (see OptimSection.decay_position_tables)."""
+
+    def want(v):
+        if isinstance(v, PositionTable):
+            return decay_tables
+        return v.value.ndim >= 2
+
+    return jax.tree.map(want, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def position_mask(params):
+    """True for the position scheme's parameters (the model's ``position`` and
+    ``layer_positions`` modules), False for the rest."""
+    def owner(path, _):
+        return getattr(path[0], "key", None) in ("position", "layer_positions")
+
+    return jax.tree_util.tree_map_with_path(owner, params)
+
+
+def make_optimizer(ocfg, steps: int, params) -> tuple[optax.GradientTransformation, Any]:
+    warmup = min(ocfg.warmup_steps, max(steps - 1, 0))
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=ocfg.lr, warmup_steps=warmup,
+        decay_steps=max(steps, warmup + 1), end_value=ocfg.lr * ocfg.min_lr_ratio)
+    parts = [
+        optax.clip_by_global_norm(ocfg.clip_norm),
+        optax.adamw(schedule, b1=ocfg.b1, b2=ocfg.b2, eps=ocfg.eps,
+                    weight_decay=ocfg.weight_decay,
+                    mask=decay_mask(params, ocfg.decay_position_tables)),
+    ]
+    scale = ocfg.position_lr_scale
+    if scale != 1.0:  # Adam's update is ~lr per step: scaling it scales the lr
+        parts.append(optax.masked(optax.scale(scale), position_mask(params)))
+    return optax.chain(*parts), schedule
+
+
+def lm_loss(model, tokens, positions):
+    """Mean next-token NLL over ``tokens[:, :-1] -> tokens[:, 1:]``."""
+    logits = model(tokens[:, :-1], positions)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+
+def train_step_fn(graphdef, tx):
+    """Pure step ``(params, opt_state, guard, tokens, positions, step) -> (..., metrics)``.
+
+    A non-finite loss or gradient norm never reaches the parameters: the update is
+    dropped and ``guard`` records the first such step and which metric it was
+    (1: loss, 2: grad_norm), plus how many steps were skipped.
+    """
+
+    def step_fn(params, opt_state, guard, tokens, positions, step):
+        loss, grads = jax.value_and_grad(
+            lambda p: lm_loss(nnx.merge(graphdef, p), tokens, positions))(params)
+        gnorm = optax.global_norm(grads)
+        updates, new_opt = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+        new_params, new_opt = keep(new_params, params), keep(new_opt, opt_state)
+        what = jnp.where(jnp.isfinite(loss), 2, 1)
+        first = guard["bad_step"] < 0
+        guard = {
+            "bad_step": jnp.where(~ok & first, step, guard["bad_step"]),
+            "bad_what": jnp.where(~ok & first, what, guard["bad_what"]),
+            "skipped": guard["skipped"] + (~ok).astype(jnp.int32),
+        }
+        return new_params, new_opt, guard, {"loss": loss, "grad_norm": gnorm}
+
+    return step_fn
+
+
+def multi_step_fn(graphdef, tx):
+    """``n`` consecutive steps in one call: ``tokens [n, B, T+1]``, ``positions`` shared
+    ``[T]`` or per step ``[n, B, T]``, first step index ``step``; the metrics come back
+    stacked ``[n]``. Same result as ``n`` calls of :func:`train_step_fn` (a ``lax.scan``
+    over it); on CPU it saves XLA's per-call allocation of its temp buffer, whose fresh
+    pages the kernel must fault in and zero on every call under glibc malloc."""
+    step_fn = train_step_fn(graphdef, tx)
+
+    def multi(params, opt_state, guard, tokens, positions, step):
+        per_step_pos = positions.ndim == tokens.ndim
+
+        def body(carry, xs):
+            tok, pos, i = xs
+            *carry, m = step_fn(*carry, tok, positions if pos is None else pos, step + i)
+            return tuple(carry), m
+
+        steps = jnp.arange(tokens.shape[0], dtype=jnp.int32)
+        xs = (tokens, positions if per_step_pos else None, steps)
+        carry, metrics = jax.lax.scan(body, (params, opt_state, guard), xs)
+        return (*carry, metrics)
+
+    return multi
+
+
+def pure_step(graphdef, tx, *, multi: bool = False):
+    """:func:`train_step_fn`, or with ``multi`` :func:`multi_step_fn` (not yet jitted)."""
+    return (multi_step_fn if multi else train_step_fn)(graphdef, tx)
+
+
+def make_train_step(graphdef, tx, *, multi: bool = False):
+    """The jitted :func:`pure_step`; the state (params, optimiser state, guard) is
+    donated."""
+    return jax.jit(pure_step(graphdef, tx, multi=multi), donate_argnums=(0, 1, 2))
+
+
+def fresh_guard():
+    return {"bad_step": jnp.int32(-1), "bad_what": jnp.int32(0), "skipped": jnp.int32(0)}
+
+
+def last_metric(x) -> float:
+    """The last value of a metric: a scalar, or ``[n]`` from an n-step call."""
+    return float(np.asarray(x).reshape(-1)[-1])
