@@ -16,41 +16,69 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
+import scipy.stats  # noqa: E402
 
 from relpos.errors import RelposError  # noqa: E402
 from relpos.io import atomic_write, atomic_write_text  # noqa: E402
 
-# One colour per scheme across every figure.
+# One style per scheme across every figure: a colour-blind-safe palette
+# (tableau-colorblind10) with a distinct marker each; a variant of a scheme (a label
+# with more than the scheme's name) keeps its scheme's colour, with its own line style
+# and an open marker.
 SCHEME_ORDER = ["none", "sinusoidal", "learned_abs", "rope", "xpos", "offset", "t5", "alibi",
                 "kerple_power", "kerple_log", "sandwich", "fire"]
-_PALETTE = list(plt.get_cmap("tab10").colors) + ["#000000", "#e6ab02"]
-COLORS = dict(zip(SCHEME_ORDER, _PALETTE))
-_CMAP = plt.get_cmap("tab20")
+_PALETTE = plt.style.library["tableau-colorblind10"]["axes.prop_cycle"].by_key()["color"]
+_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">", "p"]
+_VARIANT_LINES = ["--", ":", "-.", (0, (5, 1, 1, 1, 1, 1))]
+
+# What makes two runs the same experiment (their seed aside): relpos-plot pools runs
+# over seeds only when all of these agree.
+GROUP_KEYS = ("bias", "bias_options", "bias_overrides", "model", "optim", "train_length",
+              "train_steps", "dataset", "dataset_fingerprint", "tokenizer", "bias_convention")
+# How attention was computed, not what: runs may differ here and still pool.
+_MODEL_FREE = ("attn_impl", "block_size", "dense_max_len")
+
+
+def style(label: str, labels: list[str] | None = None) -> dict:
+    """Matplotlib keywords for ``label``: colour and marker fixed by its scheme; the
+    k-th variant of a scheme among ``labels`` (sorted) gets the k-th variant line style."""
+    base = label.split(" ")[0]
+    i = SCHEME_ORDER.index(base) if base in SCHEME_ORDER else \
+        len(SCHEME_ORDER) + zlib.crc32(base.encode()) % 7
+    kw = {"color": _PALETTE[i % len(_PALETTE)], "marker": _MARKERS[i % len(_MARKERS)],
+          "linestyle": "-", "markerfacecolor": None}
+    if label != base:
+        variants = sorted(x for x in (labels or [label]) if x.split(" ")[0] == base and x != base)
+        k = variants.index(label) if label in variants else zlib.crc32(label.encode())
+        kw.update(linestyle=_VARIANT_LINES[k % len(_VARIANT_LINES)], markerfacecolor="white")
+    return kw
 
 
 def color(label: str):
-    base = label.split(" ")[0]
-    if base in COLORS and label == base:
-        return COLORS[base]
-    # Variants (e.g. "offset (zero beyond L)"): a stable colour of their own.
-    return _CMAP(zlib.crc32(label.encode()) % 20)
+    return style(label)["color"]
 
 
 def collect(inputs: list[str]) -> list[dict]:
-    """All results.json under the given files/folders, each with ``run_dir`` added."""
-    found = []
+    """All runs under the given files/folders: each folder's ``results.json`` and its
+    re-evaluation files (``eval*.json``, what relpos-eval writes). A re-evaluation of the
+    same run with the same label adds its entries to the run's (a newer entry of the same
+    mode and length replaces the older); one with another label (other
+    ``bias_overrides``, or ``label=``) is a run of its own."""
     expanded = []
     for item in inputs:  # shell-style patterns select runs, e.g. runs/quick/bias=alibi*
         if glob.has_magic(item):  # a pattern may match nothing (scheme not in this sweep)
             expanded += sorted(glob.glob(os.path.expanduser(item)))
         else:
             expanded.append(item)
+    found: dict[tuple, dict] = {}
+    merged_files = []
     for item in expanded:
         p = Path(item).expanduser()
         if p.is_file():
             paths = [p]
         elif p.is_dir():
-            paths = sorted(p.rglob("results.json"))
+            paths = sorted(set(p.rglob("results.json")) | set(p.rglob("eval*.json")),
+                           key=lambda x: (str(x.parent), x.name != "results.json", x.name))
         else:
             raise RelposError(f"no such results file or folder: {item}")
         for path in paths:
@@ -59,17 +87,65 @@ def collect(inputs: list[str]) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise RelposError(f"unreadable results file {path}: {e}") from None
             if isinstance(r, list):  # a merged file
-                found += r
+                merged_files += r
+                continue
+            if not isinstance(r, dict) or "eval" not in r or "bias" not in r:
+                continue  # another JSON file in a run folder
+            r["run_dir"] = str(path.parent)
+            key = (r["run_dir"], label_of(r))
+            if key in found:
+                old = {(e["mode"], e["length"]): e for e in found[key]["eval"]}
+                old.update({(e["mode"], e["length"]): e for e in r["eval"]})
+                found[key]["eval"] = sorted(old.values(), key=lambda e: (e["mode"], e["length"]))
             else:
-                r["run_dir"] = str(path.parent)
-                found.append(r)
-    if not found:
+                found[key] = r
+    runs = merged_files + list(found.values())
+    if not runs:
         raise RelposError(f"no results.json found under {', '.join(inputs)}")
-    return found
+    check_poolable(runs)
+    return runs
 
 
 def label_of(r: dict) -> str:
     return r.get("label") or r["bias"]
+
+
+def config_key(r: dict) -> dict:
+    """The run's configuration as far as it matters to a comparison (not its seed)."""
+    key = {k: r.get(k) for k in GROUP_KEYS}
+    if isinstance(key["model"], dict):
+        key["model"] = {k: v for k, v in key["model"].items() if k not in _MODEL_FREE}
+    return key
+
+
+def check_poolable(runs: list[dict]) -> None:
+    """Runs under one label must differ in their seed only: otherwise one line naming
+    the label and the keys that differ (a :class:`RelposError`)."""
+    by_label: dict[str, list[dict]] = defaultdict(list)
+    for r in runs:
+        by_label[label_of(r)].append(r)
+    for lab, group in by_label.items():
+        ref = config_key(group[0])
+        for r in group[1:]:
+            other = config_key(r)
+            diff = sorted(k for k in GROUP_KEYS if other[k] != ref[k])
+            if diff:
+                what = ", ".join(
+                    f"{k} ({_short(ref[k])} vs {_short(other[k])})" if k in (
+                        "dataset_fingerprint", "train_steps", "train_length") else k
+                    for k in diff)
+                raise RelposError(
+                    f"runs labelled {lab!r} differ in {what}: they are not seeds of one "
+                    f"experiment; give them distinct labels (label=...) or plot them apart")
+        seeds = [r.get("seed") for r in group]
+        dup = sorted({s for s in seeds if seeds.count(s) > 1})
+        if dup:
+            dirs = [r.get("run_dir", "?") for r in group if r.get("seed") == dup[0]]
+            raise RelposError(f"runs labelled {lab!r} repeat seed {dup[0]} ({', '.join(dirs)})")
+
+
+def _short(v) -> str:
+    return str(v)[:24]
 
 
 def _order(labels):
@@ -80,39 +156,56 @@ def _order(labels):
     return sorted(labels, key=key)
 
 
-def grouped(results: list[dict], mode: str) -> dict[str, dict[int, list[float]]]:
-    """label -> length -> [ppl per seed]."""
+def grouped(results: list[dict], mode: str, field: str = "ppl"
+            ) -> dict[str, dict[int, list[float]]]:
+    """label -> length -> [``field`` per seed]."""
     out: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in results:
         for e in r["eval"]:
-            if e["mode"] == mode:
-                out[label_of(r)][e["length"]].append(e["ppl"])
+            if e["mode"] == mode and field in e:
+                out[label_of(r)][e["length"]].append(e[field])
     return out
 
 
-def _fmt(vals: list[float]) -> str:
+def seed_interval(values, level: float = 0.95) -> tuple[float, float, float]:
+    """Mean and a t interval over seeds (sample std, ddof=1): ``(mean, lo, hi)``; with
+    one seed the interval is that value."""
+    v = np.asarray(values, np.float64)
+    m = float(v.mean())
+    if len(v) < 2:
+        return m, m, m
+    half = float(scipy.stats.t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
+    return m, m - half, m + half
+
+
+def _fmt(vals: list[float], single_ci=None) -> str:
     if not vals:
         return "–"
-    m = float(np.mean(vals))
+    m, lo, hi = seed_interval(vals)
     if len(vals) == 1:
-        return f"{m:.3g}"
-    return f"{m:.3g} ± {float(np.std(vals)):.2g}"
+        return f"{m:.3f}" + (f" [{single_ci[0]:.3f}, {single_ci[1]:.3f}]" if single_ci else "")
+    return f"{m:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
 def markdown_table(results: list[dict], mode: str = "nonoverlap") -> str:
-    """Perplexity per scheme (rows) and length (columns): mean ± std over seeds."""
+    """Perplexity per scheme (rows) and length (columns): mean and 95% t interval over
+    seeds (ddof=1); a single run shows its bootstrap interval over target blocks."""
     g = grouped(results, mode)
     if not g:
         return ""
+    cis = grouped(results, mode, "ppl_ci")
     train_length = results[0]["train_length"]
     lengths = sorted({L for v in g.values() for L in v})
     head = [f"{L} ({L / train_length:g}x)" for L in lengths]
     seeds = {lab: max(len(v) for v in g[lab].values()) for lab in g}
-    lines = [f"Perplexity, {mode} evaluation (mean ± std over seeds; trained at {train_length})",
+    fps = sorted({r.get("dataset_fingerprint") or "?" for r in results})
+    lines = [f"Perplexity, {mode} evaluation: mean [95% t interval over seeds, ddof=1]; "
+             f"trained at {train_length}; corpus fingerprint {', '.join(fps)}",
              "", "| scheme | seeds | " + " | ".join(head) + " |",
              "|---|---|" + "---|" * len(lengths)]
     for lab in _order(g):
-        cells = [_fmt(g[lab].get(L, [])) for L in lengths]
+        cells = [_fmt(g[lab].get(L, []), (cis[lab].get(L) or [None])[0]
+                      if seeds[lab] == 1 else None) for L in lengths]
         lines.append(f"| {lab} | {seeds[lab]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -130,76 +223,146 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
+def log_ticks(lo: float, hi: float, *, most: int = 8) -> list[float]:
+    """Round tick values for a log axis over ``[lo, hi]``: over a narrow range (less than
+    3x) evenly spaced round numbers (as a linear axis would have); otherwise the coarsest
+    1-2-5, 1-2-3-5 or 1-1.5-2-3-5-7 series per decade that puts 4 or more ticks in range."""
+    if hi / lo < 3:
+        ticks = matplotlib.ticker.MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi)
+        return [float(f"{t:.6g}") for t in ticks if lo <= t <= hi]
+    decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+    ticks = []
+    for mantissas in ((1, 2, 5), (1, 2, 3, 5), (1, 1.5, 2, 3, 5, 7)):
+        ticks = [float(f"{m * 10.0 ** e:.6g}") for e in decades for m in mantissas]
+        ticks = [t for t in ticks if lo <= t <= hi]
+        if len(ticks) >= 4:
+            break
+    return ticks[::math.ceil(len(ticks) / most)] if len(ticks) > most else ticks
+
+
+def readable_log_y(ax, values) -> None:
+    """A log y axis with a readable number at every tick (plain numbers, see
+    :func:`log_ticks`), spanning at least +-5% so that a small change does not fill the
+    axis."""
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x) and x > 0])
+    if not len(v):
+        return
+    lo, hi = float(v.min()), float(v.max())
+    lo, hi = min(lo, hi / 1.1) / 1.05, max(hi, lo * 1.1) * 1.05
+    ax.set_yscale("log")
+    ax.set_ylim(lo, hi)
+    ax.yaxis.set_major_locator(matplotlib.ticker.FixedLocator(log_ticks(lo, hi)))
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}"))
+    ax.yaxis.set_minor_locator(matplotlib.ticker.LogLocator(base=10, subs=np.arange(1, 10)))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
+def _log2_x(ax, train_length: int, label: str) -> None:
+    ax.axvline(train_length, color="k", ls="--", lw=1)
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.set_xlabel(label)
+    ax.grid(alpha=0.3, which="both")
+
+
+def _curve(g: dict, lab: str, relative: bool):
+    """Lengths, mean, lo, hi over seeds of ``g[lab]`` (relative: each run divided by its
+    own perplexity at the shortest length, then averaged)."""
+    Ls = sorted(g[lab])
+    rows = np.array([g[lab][L] for L in Ls if len(g[lab][L]) == len(g[lab][Ls[0]])])
+    Ls = Ls[:len(rows)]
+    if relative:
+        rows = rows / rows[:1]
+    stats = np.array([seed_interval(r) for r in rows])
+    return Ls, stats[:, 0], stats[:, 1], stats[:, 2], rows.shape[1]
+
+
 def plot_ppl_vs_length(results: list[dict], path: Path, title: str = "") -> None:
+    """Perplexity vs evaluation length (top) and relative to 1x (bottom), per protocol:
+    mean over seeds, band = 95% t interval over seeds (one seed: its bootstrap interval
+    over target blocks, top row only)."""
     modes = [m for m in ("nonoverlap", "sliding") if grouped(results, m)]
-    fig, axes = plt.subplots(1, len(modes), figsize=(6.2 * len(modes), 4.4), squeeze=False)
+    fig, axes = plt.subplots(2, len(modes), figsize=(6.4 * len(modes), 8.4), squeeze=False)
     train_length = results[0]["train_length"]
-    for ax, mode in zip(axes[0], modes):
-        g = grouped(results, mode)
-        for lab in _order(g):
-            Ls = sorted(g[lab])
-            mean = np.array([np.mean(g[lab][L]) for L in Ls])
-            lo = np.array([np.min(g[lab][L]) for L in Ls])
-            hi = np.array([np.max(g[lab][L]) for L in Ls])
-            ax.plot(Ls, mean, "o-", ms=3, lw=1.5, color=color(lab), label=lab)
-            if any(len(g[lab][L]) > 1 for L in Ls):
-                ax.fill_between(Ls, lo, hi, color=color(lab), alpha=0.18, lw=0)
-        ax.axvline(train_length, color="k", ls="--", lw=1, label="_train length")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_xlabel(f"evaluation length (tokens); dashed: training length {train_length}")
-        ax.set_ylabel("perplexity (log)")
-        ax.set_title(f"{mode} windows" + (" (stride L/2)" if mode == "sliding" else ""))
-        ax.grid(alpha=0.3, which="both")
+    for col, mode in enumerate(modes):
+        g, cis = grouped(results, mode), grouped(results, mode, "ppl_ci")
+        labels = _order(g)
+        for row, relative in enumerate((False, True)):
+            ax, shown = axes[row][col], []
+            for lab in labels:
+                Ls, mean, lo, hi, n = _curve(g, lab, relative)
+                if n == 1 and not relative and all(cis[lab].get(L) for L in Ls):
+                    lo = np.array([cis[lab][L][0][0] for L in Ls])
+                    hi = np.array([cis[lab][L][0][1] for L in Ls])
+                kw = style(lab, labels)
+                ax.plot(Ls, mean, ms=4, lw=1.5, label=f"{lab} ({n})", **kw)
+                if np.any(hi > lo):
+                    ax.fill_between(Ls, lo, hi, color=kw["color"], alpha=0.15, lw=0)
+                shown += list(mean) + list(lo) + list(hi)
+            readable_log_y(ax, shown)
+            _log2_x(ax, train_length, f"evaluation length (tokens); dashed: training length "
+                                      f"{train_length}")
+            ax.set_ylabel("perplexity / perplexity at 1x" if relative else "perplexity")
+            ax.set_title(f"{mode} windows" + (" (stride L/2)" if mode == "sliding" else "")
+                         + (", relative to 1x" if relative else ""))
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8,
-               bbox_to_anchor=(0.5, -0.02 - 0.035 * math.ceil(len(labels) / 6)))
-    fig.suptitle(title or "Perplexity vs evaluation length (line: mean, band: min–max over seeds)")
+    fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=8,
+               bbox_to_anchor=(0.5, -0.02 - 0.025 * math.ceil(len(labels) / 5)),
+               title="scheme (seeds)", title_fontsize=8)
+    fig.suptitle(title or "Perplexity vs evaluation length (mean over seeds; band: 95% "
+                          "t interval over seeds, or one run's bootstrap interval)")
+    fig.tight_layout()
     _save(fig, path)
 
 
 def plot_position_loss(results: list[dict], path: Path) -> None:
-    """Loss vs token position (log-binned) in the longest non-overlapping windows.
-
-    Every scheme is scored on the same windows, so at a given position the schemes are
-    comparable, while the curve's overall shape also reflects which tokens sit at those
-    positions (few windows at the longest length). The right panel removes that shared
-    part: each scheme's loss minus the mean over schemes at the same position.
-    """
+    """Loss by token position (log-binned) in the longest non-overlapping windows: the
+    loss itself, and (where the runs recorded it) the loss minus that of the same
+    targets scored in windows of the training length, so only the context differs."""
     longest = max(e["length"] for r in results for e in r["eval"] if e["mode"] == "nonoverlap")
-    curves = defaultdict(list)
+    curves, excess = defaultdict(list), defaultdict(list)
     edges, windows = None, 0
     for r in results:
         for e in r["eval"]:
             if e["mode"] == "nonoverlap" and e["length"] == longest:
                 edges, windows = e["position_bins"], e.get("windows", 0)
                 curves[label_of(r)].append([np.nan if x is None else x for x in e["position_loss"]])
-    means = {lab: np.nanmean(curves[lab], axis=0) for lab in curves}
-    reference = np.nanmean(np.stack(list(means.values())), axis=0)
-    fig, axes = plt.subplots(1, 2, figsize=(12.5, 4.4))
-    mids = [max(1.0, math.sqrt(max(lo, 1) * hi)) for lo, hi in zip(edges[:-1], edges[1:])]
+                if e.get("position_excess"):
+                    excess[label_of(r)].append(
+                        [np.nan if x is None else x for x in e["position_excess"]])
     train_length = results[0]["train_length"]
-    for ax, relative in zip(axes, (False, True)):
-        for lab in _order(curves):
-            y = means[lab] - reference if relative else means[lab]
-            ax.plot(mids, y, "o-", ms=3, color=color(lab), label=lab)
-        ax.axvline(train_length, color="k", ls="--", lw=1)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("token position in window (log-binned); dashed: training length")
-        ax.grid(alpha=0.3, which="both")
-    axes[0].set_ylabel("loss (nats/token)")
-    axes[0].set_title(f"Loss by position, {longest}-token windows ({windows} per run)")
-    axes[1].set_ylabel("loss - mean over schemes (nats/token)")
-    axes[1].axhline(0, color="0.5", lw=0.8)
-    axes[1].set_title("Relative to the mean of all schemes at that position")
-    axes[0].legend(fontsize=7, ncol=2, loc="upper left")
+    mids = np.array([max(1.0, math.sqrt(max(lo, 1) * hi)) for lo, hi in zip(edges[:-1], edges[1:])])
+    panels = [("loss (nats/token)", curves)] + ([(
+        "loss - same targets at the training length (nats)", excess)] if excess else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.6), squeeze=False)
+    labels = _order(curves)
+    for ax, (ylabel, data) in zip(axes[0], panels):
+        for lab in labels:
+            if lab not in data:
+                continue
+            stats = np.array([seed_interval(col[np.isfinite(col)]) if np.isfinite(col).any()
+                              else (np.nan,) * 3 for col in np.asarray(data[lab]).T])
+            kw = style(lab, labels)
+            ax.plot(mids, stats[:, 0], ms=3, lw=1.3, label=f"{lab} ({len(data[lab])})", **kw)
+            if len(data[lab]) > 1:
+                ax.fill_between(mids, stats[:, 1], stats[:, 2], color=kw["color"], alpha=0.15,
+                                lw=0)
+        _log2_x(ax, train_length, "token position in window (log-binned); dashed: training "
+                                  "length")
+        ax.set_ylabel(ylabel)
+    axes[0][0].set_title(f"Loss by position, {longest}-token windows ({windows} per run)")
+    if excess:
+        axes[0][1].axhline(0, color="0.4", lw=0.8)
+        axes[0][1].set_title("Above 0: the longer context hurts (same tokens)")
+    axes[0][0].legend(fontsize=7, ncol=2, loc="upper right", title="scheme (seeds)",
+                      title_fontsize=7)
+    fig.tight_layout()
     _save(fig, path)
 
 
-def bias_profile_figure(profile: dict, ax=None, max_heads: int = 16):
-    """Bias vs offset per head, the never-trained offsets shaded."""
+def bias_profile_figure(profile: dict, ax=None, max_heads: int = 16, others=()):
+    """Bias vs offset per head, the never-trained offsets shaded; ``others``: profiles
+    of further seeds, drawn thinner in the same head colours."""
     at_max = np.asarray(profile["at_max"])  # [H, offsets]
     own = ax is None
     if own:
@@ -209,11 +372,15 @@ def bias_profile_figure(profile: dict, ax=None, max_heads: int = 16):
     H = min(at_max.shape[0], max_heads)
     for h in range(H):
         ax.plot(offsets + 1, at_max[h], color=cmap(h / max(H - 1, 1)), lw=1.2, label=f"head {h}")
+        for other in others:
+            ax.plot(np.asarray(other["offsets"]) + 1, np.asarray(other["at_max"])[h],
+                    color=cmap(h / max(H - 1, 1)), lw=0.6, alpha=0.6)
     L = profile["train_length"]
     ax.axvspan(L, offsets[-1] + 1, color="0.85", zorder=0)
     ax.text(L, ax.get_ylim()[0], " offsets never seen in training", fontsize=7, va="bottom")
     ax.set_xscale("log", base=2)
-    if np.nanmin(at_max) < -50:  # e.g. KERPLE power heads that explode beyond L
+    finite = at_max[np.isfinite(at_max)]  # -inf: the offset table's mask policy
+    if finite.size and finite.min() < -50:  # e.g. KERPLE power heads that explode beyond L
         ax.set_yscale("symlog", linthresh=1.0)
     ax.set_xlabel("offset i - j (+1, log)")
     ax.set_ylabel("bias b_h(i, j)")
@@ -259,11 +426,12 @@ def merge_results(results: list[dict], path: Path) -> None:
 
 
 def plot_bias_profiles(results: list[dict], path: Path) -> bool:
-    seen = {}
-    for r in results:
-        lab = label_of(r)
-        if lab not in seen and (profile := profile_of(r)) is not None:
-            seen[lab] = profile
+    """Every seed's bias vs offset per head (the first seed in full lines, the others
+    thinner), one panel per label."""
+    seen: dict[str, list[dict]] = defaultdict(list)
+    for r in sorted(results, key=lambda r: r.get("seed", 0)):
+        if (profile := profile_of(r)) is not None:
+            seen[label_of(r)].append(profile)
     if not seen:
         return False
     labs = _order(seen)
@@ -271,8 +439,8 @@ def plot_bias_profiles(results: list[dict], path: Path) -> bool:
     rows = math.ceil(len(labs) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
     for ax, lab in zip(axes.flat, labs):
-        bias_profile_figure(seen[lab], ax=ax)
-        ax.set_title(lab)
+        bias_profile_figure(seen[lab][0], ax=ax, others=seen[lab][1:])
+        ax.set_title(f"{lab} ({len(seen[lab])} seeds)")
     for ax in list(axes.flat)[len(labs):]:
         ax.axis("off")
     fig.suptitle("Bias vs offset per head (query at the longest evaluation position; "

@@ -279,6 +279,8 @@ def _train(cfg, run_dir: Path, closing: contextlib.ExitStack) -> dict[str, Any]:
         "backend": jax.default_backend(),
     }
     model = nnx.merge(graphdef, state.params)
+    results["position_coverage"] = evaluation.table_coverage(
+        model, build_model(cfg, corpus.vocab_size), train_length=t.length, train_steps=t.steps)
     results["eval"] = evaluation.evaluate(model, corpus.val, train_length=t.length,
                                           ecfg=cfg.eval)
     profile = evaluation.save_bias_profile(

@@ -18,10 +18,11 @@ from relpos.errors import RelposError
 
 log = logging.getLogger("relpos")
 
-# Overrides whose value is a path: quoted for Hydra's parser when the path holds
+# Overrides whose value is a path or a free text: quoted for Hydra's parser when it holds
 # characters that the override grammar reads as syntax (Hydra's own multirun job
-# folders are named like `bias=alibi,eval.multiples=[1,2]`).
-PATH_KEYS = ("run_dir", "hydra.run.dir", "hydra.sweep.dir", "out_dir", "merge_to")
+# folders are named like `bias=alibi,eval.multiples=[1,2]`; labels like `offset (mask)`).
+STRING_KEYS = ("run_dir", "hydra.run.dir", "hydra.sweep.dir", "out_dir", "merge_to", "label",
+               "title")
 _SPECIAL = set("=,[]{}()'\" \\:$*?")
 
 
@@ -37,13 +38,13 @@ def path_override(key: str, path) -> str:
 
 
 def quote_path_arguments(argv: list[str]) -> list[str]:
-    """Quote the value of ``run_dir=...`` (and the other :data:`PATH_KEYS`) when it holds
+    """Quote the value of ``run_dir=...`` (and the other :data:`STRING_KEYS`) when it holds
     override syntax and is not quoted already, so ``relpos-eval run_dir=<a multirun job
     folder>`` works as written."""
     out = []
     for arg in argv:
         key, sep, value = arg.partition("=")
-        if sep and key.lstrip("+") in PATH_KEYS and value and value[0] not in "'\"" \
+        if sep and key.lstrip("+") in STRING_KEYS and value and value[0] not in "'\"" \
                 and _SPECIAL & set(value):
             arg = f"{key}={hydra_quote(value)}"
         out.append(arg)

@@ -1,6 +1,6 @@
 """Extrapolation evaluation: perplexity protocols and the bias profile of a trained model."""
 
-from relpos.evaluation.profile import bias_profile, save_bias_profile
+from relpos.evaluation.profile import bias_profile, save_bias_profile, table_coverage
 from relpos.evaluation.protocols import (
     MODES,
     check_eval_config,
@@ -10,9 +10,12 @@ from relpos.evaluation.protocols import (
     evaluate,
     make_nll_fn,
     quick_val_loss,
+    ratio_ci,
+    target_blocks,
     window_plan,
 )
 
 __all__ = ["MODES", "bias_profile", "check_eval_config", "check_lengths_fit",
            "check_positions_reach", "eval_lengths", "evaluate", "make_nll_fn",
-           "quick_val_loss", "save_bias_profile", "window_plan"]
+           "quick_val_loss", "ratio_ci", "save_bias_profile", "table_coverage", "target_blocks",
+           "window_plan"]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from relpos.io import atomic_write_json
 from relpos.plots import profile_offsets
+from relpos.positions import PositionTable
 
 
 def bias_profile(model, *, train_length: int, max_length: int, window: int = 32) -> dict | None:
@@ -44,3 +47,57 @@ def save_bias_profile(model, path, *, train_length: int, max_length: int) -> dic
     if prof is not None:
         atomic_write_json(path, prof)
     return prof
+
+
+def table_coverage(model, initial, *, train_length: int, train_steps: int) -> list[dict]:
+    """How well each learned position table was trained, row by row (a row: one offset,
+    T5 bucket or absolute position).
+
+    ``pairs_per_window``: how many (query, key) pairs (bias tables) or positions (embedding
+    tables) of one training window read the row, counted as the gradient of their sum;
+    ``updates``: optimiser steps whose gradient reached the row (``train_steps`` where
+    ``pairs_per_window > 0``, with the fixed training positions); ``moved``: the mean over
+    heads (or embedding dims) of ``|final - initial|``, to compare with the learning rate
+    summed over the schedule (Adam moves a parameter by about lr per step).
+    ``initial``: the same model before training (same seed)."""
+    out = []
+    pairs_of_schemes = [("position", model.position, initial.position)] + [
+        (f"layer_positions[{i}]", s, s0)
+        for i, (s, s0) in enumerate(zip(model.layer_positions, initial.layer_positions))]
+    for name, scheme, start in pairs_of_schemes:
+        graphdef, tables, rest = nnx.split(scheme, PositionTable, ...)
+        _, tables0, _ = nnx.split(start, PositionTable, ...)
+        if not jax.tree.leaves(tables):
+            continue
+        counts = jax.grad(lambda t, g=graphdef, r=rest: _reads(nnx.merge(g, t, r),
+                                                               train_length))(tables)
+        flat = jax.tree_util.tree_flatten_with_path(tables)[0]
+        for (path, table), count, table0 in zip(flat, jax.tree.leaves(counts),
+                                                jax.tree.leaves(tables0)):
+            table, count, table0 = (np.asarray(x, np.float64) for x in (table, count, table0))
+            # rows: the offset/bucket axis of [H, rows] bias tables, axis 0 of [rows, D]
+            axis = 1 if _is_bias(scheme) else 0
+            other = 1 - axis
+            pairs = count.sum(other) / count.shape[other]
+            out.append({
+                "param": ".".join([name] + [str(getattr(k, "key", k)) for k in path
+                                            if getattr(k, "key", None) != "value"]),
+                "rows": int(table.shape[axis]),
+                "pairs_per_window": np.round(pairs, 3).tolist(),
+                "updates": [train_steps if p > 0 else 0 for p in pairs],
+                "moved": np.round(np.abs(table - table0).mean(other), 6).tolist(),
+            })
+    return out
+
+
+def _is_bias(scheme) -> bool:
+    return callable(getattr(scheme, "bias", None))
+
+
+def _reads(scheme, length: int):
+    """Sum of what one causal window of ``length`` reads from the scheme's tables."""
+    pos = jnp.arange(length, dtype=jnp.int32)
+    if _is_bias(scheme):
+        b = scheme.bias(pos, pos)
+        return jnp.where(jnp.tril(jnp.ones((length, length), bool)), b, 0.0).sum()
+    return scheme.embed(pos).sum()

@@ -1,25 +1,37 @@
 """Extrapolation evaluation: per-token NLL at many window lengths, two protocols.
 
-* ``nonoverlap``: the first ``E`` validation targets split into consecutive windows
-  of length L (early tokens of each window have little context);
+The scored targets are ``ceil(eval.tokens / longest)`` blocks of ``longest`` consecutive
+validation tokens spread evenly over the whole split (many documents, not its first
+bytes; :func:`target_blocks`). Every mode and every length scores the same targets, so
+perplexities are comparable across lengths and protocols:
+
+* ``nonoverlap``: each block split into consecutive windows of length L (early tokens
+  of each window have little context);
 * ``sliding``: windows of length L moved by a stride S (default L/2); only the last S
   positions of each window are scored, so every scored token has >= L - S context.
 
-Within a mode every length scores *the same target tokens* (``E`` is fixed once for
-all lengths), so perplexities are comparable across lengths. Per-position losses are
-accumulated and reported log-binned. The LM head and loss run over position chunks, so
+Intervals (``loss_ci``, ``ppl_ci``, per position bin) are 95% percentile bootstraps over
+the target blocks: tokens of one block share their document and context and are not
+independent, while blocks lie far apart in the split. Per-position losses are
+log-binned. For non-overlapping windows longer than the training length,
+``position_excess`` is each bin's loss minus the loss of *the same targets* in windows
+of the training length (only the context differs), and ``breakpoint`` is the first bin
+at or beyond the training length where that excess is above zero by more than its
+interval. The LM head and loss run over position chunks, so
 ``[T, vocab]`` logits never exist whole; attention switches to the blockwise path
 beyond ``model.dense_max_len``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.stats
 from flax import nnx
 from tqdm.auto import tqdm
 
@@ -61,6 +73,8 @@ def check_lengths_fit(ecfg, train_length: int, n_val: int) -> None:
         raise RelposError(
             f"eval length {longest} is longer than the validation split ({n_val} tokens); "
             f"use shorter eval.multiples/eval.lengths or a larger corpus")
+    lengths = eval_lengths(ecfg, train_length)
+    target_blocks(n_val, lengths, ecfg)  # room for the sliding context too
 
 
 def check_positions_reach(model, length: int) -> None:
@@ -76,42 +90,69 @@ def check_positions_reach(model, length: int) -> None:
         scheme.bias(pos[-1:], pos)
 
 
-def window_plan(n_val: int, lengths: list[int], mode: str, ecfg):
-    """For each length: (window starts, first scored position per window, offset), and E.
+@dataclasses.dataclass(frozen=True)
+class Windows:
+    """The windows of one (mode, length): window ``w`` reads ``val[starts[w] :
+    starts[w] + L + 1]`` and scores its positions ``>= first[w]`` whose target index is
+    ``< stop[w]``; it belongs to target block ``block[w]``."""
 
-    Window ``w`` reads inputs ``val[s : s+L]`` and predicts ``val[s+1 : s+L+1]``; its
-    positions ``>= first`` are scored, and only targets with index in
-    ``[offset + 1, offset + E]``. A window that would run past the split is moved back
-    and its ``first`` moved forward, so no target is scored twice.
-    """
+    starts: np.ndarray
+    first: np.ndarray
+    stop: np.ndarray
+    block: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+
+def target_blocks(n_val: int, lengths: list[int], ecfg) -> tuple[np.ndarray, int]:
+    """Where the scored targets are: ``ceil(eval.tokens / longest)`` blocks of
+    ``longest`` consecutive targets (target indices ``t + 1 .. t + longest`` for each
+    start ``t``), spread evenly over the whole validation split, so they come from many
+    documents rather than its first bytes. Every block leaves room before it for the
+    longest sliding-window context, so both modes score the same targets at every
+    length. Returns the block starts and the block length."""
     longest = max(lengths)
-    if mode == "nonoverlap":
-        context = 0
-        e = min(ecfg.tokens, n_val - 1)
-        if e >= longest:
-            e -= e % longest  # power-of-two multiples of the training length tile exactly
-    else:
-        context = max(L - _stride(ecfg, L) for L in lengths)  # context before the 1st target
-        e = min(ecfg.tokens, n_val - 1 - context)
-        if e < 1:
-            raise RelposError(
-                f"validation split ({n_val} tokens) is too short for sliding windows of "
-                f"length {longest}; shorten eval lengths or use eval.modes=[nonoverlap]")
+    context = max(L - _stride(ecfg, L) for L in lengths)
+    room = n_val - 1 - context  # targets context+1 .. n_val-1
+    n = min(-(-ecfg.tokens // longest), room // longest)
+    if n < 1:
+        raise RelposError(
+            f"validation split ({n_val} tokens) is too short for windows of length {longest} "
+            f"with {context} tokens of sliding context; shorten eval lengths")
+    gap = (room - n * longest) / n  # spare targets, spread between the blocks
+    starts = context + np.floor(np.arange(n) * (longest + gap) + gap / 2).astype(np.int64)
+    return starts, longest
+
+
+def window_plan(n_val: int, lengths: list[int], mode: str, ecfg) -> dict[int, Windows]:
+    """The windows of every length for ``mode`` over :func:`target_blocks`.
+
+    ``nonoverlap``: each block cut into consecutive windows of L (a last window that
+    would cross the block's end is moved back and scores only its new targets);
+    ``sliding``: windows moved by the stride S, each scoring its last S positions.
+    No target is scored twice, and every length scores the same targets.
+    """
+    blocks, size = target_blocks(n_val, lengths, ecfg)
     plan = {}
     for L in lengths:
         step = L if mode == "nonoverlap" else _stride(ecfg, L)
         first0 = L - step
-        starts = (context - first0) + np.arange(0, e, step)
-        clamped = np.minimum(starts, n_val - L - 1)
-        plan[L] = (clamped, first0 + (starts - clamped), context)
-    return plan, e
+        k = np.arange(0, size, step)  # nominal first target offset within a block
+        nominal = (blocks[:, None] - first0 + k[None, :]).reshape(-1)
+        block = np.repeat(np.arange(len(blocks)), len(k))
+        stop = blocks[block] + size + 1
+        # clamp: a window may not read past its block's last target (nor the split)
+        starts = np.minimum(nominal, np.minimum(stop - 1, n_val - 1) - L)
+        plan[L] = Windows(starts, first0 + (nominal - starts), stop, block)
+    return plan
 
 
 @functools.lru_cache(maxsize=8)
 def make_nll_fn(graphdef, chunk: int):
-    """jit ``(params, inputs [B, L], targets [B, L], weights [B, L]) -> (nll_sum [L],
-    count [L])`` with the LM head applied ``chunk`` positions at a time. Cached per
-    (graph, chunk), so in-training evaluations reuse one compiled function."""
+    """jit ``(params, inputs [B, L], targets [B, L], weights [B, L]) -> nll * weights
+    [B, L]`` with the LM head applied ``chunk`` positions at a time. Cached per (graph,
+    chunk), so in-training evaluations reuse one compiled function."""
 
     def fn(params, inputs, targets, weights):
         model = nnx.merge(graphdef, params)
@@ -131,7 +172,7 @@ def make_nll_fn(graphdef, chunk: int):
             return lse - jnp.take_along_axis(logits, tt[..., None], axis=-1)[..., 0]
 
         nll = jax.lax.map(chunk_nll, (hc, tc)).transpose(1, 0, 2).reshape(b, -1)[:, :L]
-        return (nll * weights).sum(0), weights.sum(0)
+        return nll * weights
 
     return jax.jit(fn)
 
@@ -143,66 +184,148 @@ def _log_bins(length: int) -> list[int]:
     return edges
 
 
-def score_windows(nll_fn, params, val: np.ndarray, length: int, starts, first, limit,
-                  batch: int, progress=None):
-    """Sum per-position NLL over windows; ``limit``: last scored target index + 1."""
-    sums = np.zeros(length, np.float64)
-    counts = np.zeros(length, np.float64)
+def score_windows(nll_fn, params, val: np.ndarray, length: int, windows: Windows,
+                  batch: int, progress=None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-window, per-position NLL and weights, each ``[W, L]`` float64."""
+    nll = np.zeros((len(windows), length), np.float64)
+    weight = np.zeros((len(windows), length), np.float64)
     idx = np.arange(length + 1)
-    for i in range(0, len(starts), batch):
-        s = starts[i:i + batch]
-        f = first[i:i + batch]
+    pos = np.arange(length)[None, :]
+    for i in range(0, len(windows), batch):
+        s, f, stop = (x[i:i + batch] for x in (windows.starts, windows.first, windows.stop))
         n = len(s)
         if n < batch:  # pad with empty windows: one compiled shape per length
-            s = np.concatenate([s, np.repeat(s[:1], batch - n)])
-            f = np.concatenate([f, np.full(batch - n, length)])
+            s, f, stop = (np.concatenate([x, np.repeat(x[:1], batch - n)]) for x in (s, f, stop))
         win = np.asarray(val[s[:, None] + idx[None, :]], np.int32)
-        pos = np.arange(length)[None, :]
-        target_index = s[:, None] + pos + 1
-        w = (pos >= f[:, None]) & (target_index < limit)
+        w = (pos >= f[:, None]) & (s[:, None] + pos + 1 < stop[:, None])
         w[n:] = False
-        ps, pc = nll_fn(params, win[:, :-1], win[:, 1:], w.astype(np.float32))
-        sums += np.asarray(ps, np.float64)
-        counts += np.asarray(pc, np.float64)
+        out = nll_fn(params, win[:, :-1], win[:, 1:], w.astype(np.float32))
+        nll[i:i + n] = np.asarray(out, np.float64)[:n]
+        weight[i:i + n] = w[:n]
         if progress is not None:
             progress.update(n)
-    return sums, counts
+    return nll, weight
+
+
+def _block_sums(values: np.ndarray, block: np.ndarray, n_blocks: int) -> np.ndarray:
+    """Sum rows of ``values [W, ...]`` by their block: ``[n_blocks, ...]``."""
+    out = np.zeros((n_blocks,) + values.shape[1:], np.float64)
+    np.add.at(out, block, values)
+    return out
+
+
+def _bootstrap(arrays, statistic):
+    """Percentile bootstrap (scipy) over clusters, 2000 resamples, a fixed seed."""
+    res = scipy.stats.bootstrap(arrays, statistic, paired=True, vectorized=True,
+                                n_resamples=2000, confidence_level=0.95, method="percentile",
+                                rng=np.random.default_rng(0))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def ratio_ci(num: np.ndarray, den: np.ndarray) -> list[float] | None:
+    """95% interval of ``sum(num) / sum(den)`` by a percentile bootstrap over clusters
+    (the rows, resampled with their weights); None with fewer than 3 clusters."""
+    keep = den > 0
+    if keep.sum() < 3:
+        return None
+    return list(_bootstrap((num[keep], den[keep]),
+                           lambda n, d, axis: n.sum(axis) / d.sum(axis)))
+
+
+def excess_by_position(windows: Windows, nll, weight, ref: np.ndarray, edges: list[int],
+                       n_blocks: int) -> tuple[list, list]:
+    """Per position bin: the mean over its targets of ``nll - ref[target]`` (``ref``: the
+    same targets' NLL in windows of the training length) and its 95% interval (bootstrap
+    over blocks). Same tokens, more context: above zero, the longer window hurts."""
+    targets = windows.starts[:, None] + np.arange(nll.shape[1])[None, :] + 1
+    diff = np.where(weight > 0, nll - ref[np.minimum(targets, len(ref) - 1)], 0.0)
+    means, cis = [], []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        d = _block_sums(diff[:, lo:hi].sum(1), windows.block, n_blocks)
+        w = _block_sums(weight[:, lo:hi].sum(1), windows.block, n_blocks)
+        means.append(float(d.sum() / w.sum()) if w.sum() else None)
+        cis.append(ratio_ci(d, w))
+    return means, cis
+
+
+def breakpoint_of(edges: list[int], cis: list, train_length: int) -> int | None:
+    """The first position bin at or beyond ``train_length`` whose excess loss (see
+    :func:`excess_by_position`) is above zero by more than its 95% interval: the bin's
+    first position, or None."""
+    for lo, ci in zip(edges[:-1], cis):
+        if lo >= train_length and ci is not None and ci[0] > 0:
+            return int(lo)
+    return None
+
+
+def _ppl(loss: float) -> float:
+    return float(math.exp(min(loss, 700.0)))
+
+
+def summarize(mode: str, L: int, windows: Windows, nll, weight, n_blocks: int,
+              train_length: int, ref: np.ndarray | None = None) -> dict:
+    """One eval entry: loss/ppl with 95% intervals over target blocks, per-position
+    (log-binned) losses with intervals, and with ``ref`` (per-target NLL at the training
+    length) the excess loss by position and the extrapolation breakpoint."""
+    edges = _log_bins(L)
+    bins = [slice(lo, hi) for lo, hi in zip(edges[:-1], edges[1:])]
+    per_bin_nll = np.stack([nll[:, b].sum(1) for b in bins], 1)  # [W, bins]
+    per_bin_w = np.stack([weight[:, b].sum(1) for b in bins], 1)
+    block_nll = _block_sums(per_bin_nll, windows.block, n_blocks)  # [blocks, bins]
+    block_w = _block_sums(per_bin_w, windows.block, n_blocks)
+    total = weight.sum()
+    loss = float(nll.sum() / total)
+    loss_ci = ratio_ci(block_nll.sum(1), block_w.sum(1))
+    sums, counts = per_bin_nll.sum(0), per_bin_w.sum(0)
+    entry = {"length": L, "mode": mode, "loss": loss, "ppl": _ppl(loss),
+            "bits_per_token": loss / math.log(2), "tokens": int(total),
+             "windows": len(windows), "blocks": n_blocks, "loss_ci": loss_ci,
+             "ppl_ci": None if loss_ci is None else [_ppl(x) for x in loss_ci],
+             "position_bins": edges,
+             "position_loss": [float(a / c) if c else None for a, c in zip(sums, counts)],
+             "position_loss_ci": [ratio_ci(block_nll[:, i], block_w[:, i])
+                                  for i in range(len(bins))]}
+    if ref is not None:
+        means, cis = excess_by_position(windows, nll, weight, ref, edges, n_blocks)
+        entry.update(position_excess=means, position_excess_ci=cis,
+                     breakpoint=breakpoint_of(edges, cis, train_length))
+    return entry
 
 
 def evaluate(model, val: np.ndarray, *, train_length: int, ecfg) -> list[dict]:
-    """Perplexity at every (mode, length); see the module docstring."""
+    """Perplexity at every (mode, length), with 95% intervals; see the module docstring."""
     check_eval_config(ecfg)
     lengths = eval_lengths(ecfg, train_length)
     check_lengths_fit(ecfg, train_length, val.size)
     graphdef, params = nnx.split(model)
     nll_fn = make_nll_fn(graphdef, ecfg.loss_chunk)
-    out = []
+    n_blocks = len(target_blocks(val.size, lengths, ecfg)[0])
     plans = {mode: window_plan(val.size, lengths, mode, ecfg) for mode in ecfg.modes}
-    progress = _progress(sum(len(p[L][0]) for p, _ in plans.values() for L in lengths),
+    progress = _progress(sum(len(p[L]) for p in plans.values() for L in lengths),
                          getattr(ecfg, "progress", False))
-    for mode, (plan, e) in plans.items():
-        for L in lengths:
-            starts, first, offset = plan[L]
-            batch = max(1, ecfg.batch_tokens // L)
+    out = []
+    for mode, plan in plans.items():
+        ref = None  # per-target NLL at the training length (nonoverlap): the control
+        for L in sorted(lengths, key=lambda x: x != train_length):
             progress.set_description(f"eval {mode} {L}")
-            sums, counts = score_windows(nll_fn, params, val, L, starts, first,
-                                         offset + e + 1, batch, progress=progress)
-            total = counts.sum()
-            loss = float(sums.sum() / total)
-            edges = _log_bins(L)
-            bin_loss = []
-            for lo, hi in zip(edges[:-1], edges[1:]):
-                c = counts[lo:hi].sum()
-                bin_loss.append(float(sums[lo:hi].sum() / c) if c else None)
-            entry = {"length": L, "mode": mode, "loss": loss,
-                     "ppl": float(math.exp(min(loss, 700.0))),
-                     "bits_per_token": loss / math.log(2), "tokens": int(total),
-                     "windows": int(len(starts)),
-                     "position_bins": edges, "position_loss": bin_loss}
+            nll, weight = score_windows(nll_fn, params, val, L, plan[L],
+                                        max(1, ecfg.batch_tokens // L), progress=progress)
+            entry = summarize(mode, L, plan[L], nll, weight, n_blocks, train_length,
+                              ref if L != train_length else None)
+            if mode == "nonoverlap" and L == train_length:
+                ref = per_target(plan[L], nll, weight, val.size)
             if mode == "sliding":
                 entry["stride"] = _stride(ecfg, L)
             out.append(entry)
     progress.close()
+    return sorted(out, key=lambda e: (list(plans).index(e["mode"]), e["length"]))
+
+
+def per_target(windows: Windows, nll, weight, n_val: int) -> np.ndarray:
+    """``[n_val]`` NLL of each scored target by its index (NaN where not scored)."""
+    out = np.full(n_val, np.nan)
+    targets = windows.starts[:, None] + np.arange(nll.shape[1])[None, :] + 1
+    out[targets[weight > 0]] = nll[weight > 0]
     return out
 
 
@@ -210,11 +333,10 @@ def quick_val_loss(model, val: np.ndarray, length: int, ecfg) -> float:
     """Validation loss at the training length over the final evaluation's non-overlapping
     windows (``train.eval_every`` logs)."""
     graphdef, params = nnx.split(model)
-    plan, e = window_plan(val.size, eval_lengths(ecfg, length), "nonoverlap", ecfg)
-    starts, first, offset = plan[length]
-    sums, counts = score_windows(make_nll_fn(graphdef, ecfg.loss_chunk), params, val, length,
-                                 starts, first, offset + e + 1, max(1, ecfg.batch_tokens // length))
-    return float(sums.sum() / counts.sum())
+    windows = window_plan(val.size, eval_lengths(ecfg, length), "nonoverlap", ecfg)[length]
+    nll, weight = score_windows(make_nll_fn(graphdef, ecfg.loss_chunk), params, val, length,
+                                windows, max(1, ecfg.batch_tokens // length))
+    return float(nll.sum() / weight.sum())
 
 
 def _progress(total: int, enabled: bool):

@@ -78,12 +78,13 @@ def sinusoidal_frequencies(dim: int, base: float = 10000.0) -> tuple[float, ...]
 
 
 # offset policy -> (jnp.take mode, fill value for indices past the table)
-_TAKE_MODES = {"clip": ("clip", None), "zero": ("fill", 0.0), "error": ("fill", math.nan)}
+_TAKE_MODES = {"clip": ("clip", None), "zero": ("fill", 0.0), "error": ("fill", math.nan),
+               "mask": ("fill", -math.inf)}
 
 
 def take_with_policy(table: jax.Array, index: jax.Array, *, axis: int, policy: str) -> jax.Array:
     """Gather ``table`` along ``axis`` at non-negative ``index``; indices past the end
-    follow ``policy`` (clip: last entry, zero: 0, error: NaN)."""
+    follow ``policy`` (clip: last entry, zero: 0, error: NaN, mask: -inf)."""
     mode, fill = _TAKE_MODES[policy]
     if fill is None:
         return jnp.take(table, index, axis=axis, mode=mode)

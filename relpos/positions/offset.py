@@ -11,6 +11,9 @@ Its extrapolation limit is explicit here: the table holds offsets ``0 .. size-1`
 
 * ``"clip"``: the last trained entry ``u[size-1]`` (Shaw et al.'s clipping);
 * ``"zero"``: zero, i.e. no position signal beyond the trained range;
+* ``"mask"``: ``-inf``, i.e. no attention to keys beyond the table: a sliding window of
+  ``size`` keys. The control that separates what the table learned from what a policy
+  does beyond it (a model limited to the context it was trained with);
 * ``"error"``: an error when the positions are known now; inside ``jit`` the bias is
   NaN there, so a wrong configuration poisons the loss instead of passing silently.
 
@@ -38,7 +41,7 @@ from relpos.positions.base import (
 )
 from relpos.positions.registry import register
 
-OFFSET_POLICIES = ("clip", "zero", "error")
+OFFSET_POLICIES = ("clip", "zero", "mask", "error")
 
 def offset_bias(q_pos: jax.Array, k_pos: jax.Array, table: jax.Array,
                 policy: str = "clip") -> jax.Array:
@@ -60,7 +63,7 @@ class OffsetBias(PositionScheme):
     Options:
       size: number of trained offsets ``0 .. size-1`` (the trainer sets the training
         length).
-      policy: ``"clip" | "zero" | "error"`` for offsets ``>= size``.
+      policy: ``"clip" | "zero" | "mask" | "error"`` for offsets ``>= size``.
       init_std: std of the normal initialisation; 0 gives a zero table.
     """
 

@@ -1,0 +1,167 @@
+"""The study's statistics and controls: targets spread over the split, bootstrap
+intervals, the excess loss against the same targets at the training length, the offset
+table's mask policy, table coverage, and relpos-plot's refusal to pool unlike runs."""
+
+from types import SimpleNamespace as NS
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import relpos.positions as P
+from relpos import plots
+from relpos.errors import RelposError
+from relpos.evaluation import evaluate, ratio_ci, table_coverage, target_blocks, window_plan
+from relpos.model import ModelConfig, TransformerLM
+from relpos.nn.attention import blockwise_attention, dense_attention
+
+
+def scored_targets(windows, L):
+    out = []
+    for s, f, stop in zip(windows.starts, windows.first, windows.stop):
+        out += [s + p + 1 for p in range(f, L) if s + p + 1 < stop]
+    return out
+
+
+@pytest.mark.parametrize("n_val,lengths,tokens,stride",
+                         [(5000, [16, 32, 64], 600, 0), (3000, [16, 48, 100], 1000, 5),
+                          (700, [64, 128], 10**6, 0)])
+def test_every_length_and_mode_scores_the_same_targets_once(n_val, lengths, tokens, stride):
+    ecfg = NS(tokens=tokens, stride=stride)
+    ref = None
+    for mode in ("nonoverlap", "sliding"):
+        for L, w in window_plan(n_val, lengths, mode, ecfg).items():
+            assert (w.starts >= 0).all() and (w.starts + L + 1 <= n_val).all()
+            t = scored_targets(w, L)
+            assert len(t) == len(set(t)), (mode, L)
+            ref = sorted(t) if ref is None else ref
+            assert sorted(t) == ref, (mode, L)
+    assert len(ref) == min(-(-tokens // max(lengths)) * max(lengths), len(ref))
+
+
+def test_targets_come_from_across_the_split():
+    blocks, size = target_blocks(100_000, [64, 2048], NS(tokens=65536, stride=0))
+    assert len(blocks) == 32 and size == 2048
+    assert blocks[0] < 2000 and blocks[-1] + size > 98_000  # first and last part of the split
+    assert (np.diff(blocks) >= size).all()
+
+
+def test_ratio_ci_brackets_the_estimate_and_narrows_with_more_clusters():
+    rng = np.random.default_rng(1)
+    den = rng.integers(50, 100, 20).astype(float)
+    num = den * rng.normal(2.0, 0.3, 20)
+    lo, hi = ratio_ci(num, den)
+    assert lo < num.sum() / den.sum() < hi
+    lo4, hi4 = ratio_ci(np.tile(num, 4), np.tile(den, 4))
+    assert 0.4 < (hi4 - lo4) / (hi - lo) < 0.6  # 1/sqrt(4)
+    assert ratio_ci(num[:2], den[:2]) is None  # too few clusters for an interval
+    lo, hi = ratio_ci(2 * den, den)
+    assert lo == pytest.approx(2.0) and hi == pytest.approx(2.0)
+
+
+def test_seed_interval_is_a_t_interval_with_ddof_1():
+    m, lo, hi = plots.seed_interval([4.0, 5.0, 6.0])
+    half = 4.302652729911275 * 1.0 / np.sqrt(3)  # t(0.975, df=2) * std(ddof=1) / sqrt(n)
+    assert (m, lo, hi) == pytest.approx((5.0, 5.0 - half, 5.0 + half))
+
+
+def test_excess_loss_is_zero_where_the_context_is_the_same():
+    """In windows of 2L, positions < L see exactly the context the same targets have in
+    windows of L, so their excess is 0; the breakpoint is searched only beyond L."""
+    model = TransformerLM(ModelConfig(vocab_size=64, d_model=32, num_layers=1, num_heads=2),
+                          "alibi", {}, rngs=nnx.Rngs(0))
+    val = np.random.default_rng(0).integers(0, 64, 4000).astype(np.uint16)
+    ecfg = NS(lengths=[16, 32], multiples=None, modes=["nonoverlap"], stride=0, tokens=640,
+              batch_tokens=256, loss_chunk=32, progress=False)
+    out = {e["length"]: e for e in evaluate(model, val, train_length=16, ecfg=ecfg)}
+    assert "position_excess" not in out[16]
+    bins = out[32]["position_bins"]
+    below = [x for lo, x in zip(bins[:-1], out[32]["position_excess"]) if lo < 16]
+    np.testing.assert_allclose(below, 0.0, atol=1e-6)
+    assert out[32]["blocks"] == 20 and out[32]["tokens"] == 640
+    lo, hi = out[32]["ppl_ci"]
+    assert lo < out[32]["ppl"] < hi
+
+
+def test_offset_mask_policy_is_a_window_of_size_keys():
+    size, T = 4, 12
+    scheme = P.build("offset", num_heads=2, head_dim=8, size=size, policy="mask", init_std=0.5)
+    table = np.asarray(scheme.table[...])
+    pos = jnp.arange(T)
+    b = np.asarray(scheme.bias(pos, pos))
+    for i in range(T):
+        for j in range(i + 1):
+            want = table[:, i - j] if i - j < size else -np.inf
+            np.testing.assert_array_equal(b[:, i, j], want)
+    q, k, v = (jax.random.normal(jax.random.key(n), (1, T, 2, 8)) for n in range(3))
+    out = np.asarray(dense_attention(q, k, v, bias=scheme.bias, q_pos=pos, k_pos=pos,
+                                     scale=8 ** -0.5))
+    qn, kn, vn = (np.asarray(x, np.float64)[0] for x in (q, k, v))
+    for h in range(2):  # naive: softmax over the keys within the window only
+        for i in range(T):
+            js = [j for j in range(i + 1) if i - j < size]
+            s = np.array([qn[i, h] @ kn[j, h] * 8 ** -0.5 + table[h, i - j] for j in js])
+            p = np.exp(s - s.max())
+            p /= p.sum()
+            np.testing.assert_allclose(out[0, i, h], p @ vn[js, h], rtol=1e-5, atol=1e-6)
+
+    def loss(t, attend, **kw):
+        fn = lambda qp, kp: jnp.take(t, jnp.maximum(qp[:, None] - kp[None], 0), axis=1,  # noqa: E731
+                                     mode="fill", fill_value=-jnp.inf)
+        return (attend(q, k, v, bias=fn, q_pos=pos, k_pos=pos, scale=8 ** -0.5, **kw) ** 2).sum()
+
+    t = jnp.asarray(table)
+    g_dense = jax.grad(loss)(t, dense_attention)
+    g_block = jax.grad(loss)(t, blockwise_attention, block_q=4, block_k=4)
+    assert np.isfinite(np.asarray(g_dense)).all()
+    np.testing.assert_allclose(g_block, g_dense, rtol=1e-4, atol=1e-6)
+
+
+def test_table_coverage_counts_pairs_per_offset_and_untrained_buckets():
+    cfg = ModelConfig(vocab_size=50, d_model=16, num_heads=2, num_layers=1)
+    m = TransformerLM(cfg, "offset", {"size": 16}, rngs=nnx.Rngs(0))
+    m0 = TransformerLM(cfg, "offset", {"size": 16}, rngs=nnx.Rngs(0))
+    m.position.table[...] = m.position.table[...].at[:, 3].add(0.5)
+    (cov,) = table_coverage(m, m0, train_length=8, train_steps=100)
+    assert cov["pairs_per_window"] == [8 - k for k in range(8)] + [0] * 8
+    assert cov["updates"] == [100] * 8 + [0] * 8
+    assert cov["moved"][3] == pytest.approx(0.5) and cov["moved"][2] == 0
+    t5 = TransformerLM(cfg, "t5", {"num_buckets": 8, "max_distance": 16}, rngs=nnx.Rngs(0))
+    (cov,) = table_coverage(t5, t5, train_length=8, train_steps=10)
+    assert cov["pairs_per_window"][-2:] == [0, 0]  # buckets of offsets >= 8: never trained
+
+
+def run(label="alibi", seed=0, fp="aaaa", steps=100, run_dir="r"):
+    return {"bias": label.split(" ")[0], "label": label, "seed": seed, "train_length": 16,
+            "train_steps": steps, "dataset_fingerprint": fp, "run_dir": run_dir,
+            "eval": [{"mode": "nonoverlap", "length": 16, "ppl": 5.0}]}
+
+
+def test_plot_refuses_to_pool_unlike_runs():
+    plots.check_poolable([run(seed=0), run(seed=1)])
+    with pytest.raises(RelposError,
+                       match=r"'alibi' differ in dataset_fingerprint \(aaaa vs bbbb\)"):
+        plots.check_poolable([run(seed=0), run(seed=1, fp="bbbb")])
+    with pytest.raises(RelposError, match=r"train_steps \(100 vs 200\)"):
+        plots.check_poolable([run(seed=0), run(seed=1, steps=200)])
+    with pytest.raises(RelposError, match="repeat seed 0"):
+        plots.check_poolable([run(seed=0, run_dir="a"), run(seed=0, run_dir="b")])
+
+
+def test_plot_merges_a_reevaluation_of_the_same_run_and_separates_other_labels(tmp_path):
+    import json
+
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "results.json").write_text(json.dumps(run()))
+    more = run()
+    more["eval"] = [{"mode": "nonoverlap", "length": 64, "ppl": 6.0}]
+    (d / "eval_results.json").write_text(json.dumps(more))
+    pi = run(label="rope (interpolation=4)")
+    (d / "eval_pi4.json").write_text(json.dumps(pi))
+    (d / "bias_profile.json").write_text("{}")  # other JSON in a run folder is ignored
+    runs = {r["label"]: r for r in plots.collect([str(tmp_path)])}
+    assert sorted(runs) == ["alibi", "rope (interpolation=4)"]
+    assert [e["length"] for e in runs["alibi"]["eval"]] == [16, 64]
