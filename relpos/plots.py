@@ -291,7 +291,7 @@ def plot_ppl_vs_length(results: list[dict], path: Path, title: str = "") -> None
             ax, shown = axes[row][col], []
             for lab in labels:
                 Ls, mean, lo, hi, n = _curve(g, lab, relative)
-                if n == 1 and not relative and all(cis[lab].get(L) for L in Ls):
+                if n == 1 and not relative and all((cis[lab].get(L) or [None])[0] for L in Ls):
                     lo = np.array([cis[lab][L][0][0] for L in Ls])
                     hi = np.array([cis[lab][L][0][1] for L in Ls])
                 kw = style(lab, labels)
