@@ -4,13 +4,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-import relpos.attention as A
-from relpos.attention import (
+import relpos.nn.attention as A
+from relpos.model import ModelConfig, TransformerLM
+from relpos.nn.attention import (
     add_batch_shared,
+    bias_grad_matches,
     blockwise_attention,
     causal_attention,
     choose_impl,
+    cudnn_attention,
     dense_attention,
 )
 
@@ -186,10 +190,6 @@ def test_model_asks_the_check_for_its_bias_layout_and_head_size(monkeypatch):
     """The model resolves auto per forward: shared positions ([T]) ask about a shared
     bias, per-example positions ([B, T], randomized positions) about per-example ones,
     at the model's head size; a failed check sends the learned bias to dense."""
-    from flax import nnx
-
-    from relpos.model import ModelConfig, TransformerLM
-
     asked, taken = [], []
     monkeypatch.setattr(A.jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(A, "cudnn_bias_grad_ok",
@@ -216,7 +216,6 @@ def test_bias_grad_check_accepts_a_correct_gradient_and_rejects_broken_ones(batc
     """The check behind auto's cuDNN choice, with stand-ins for cuDNN: the dense path in
     bf16 passes; a zero, a wrong and a failing bias gradient do not; and the check runs
     eagerly inside a jit trace (auto is resolved while the model is traced)."""
-    from relpos.attention import bias_grad_matches, dense_attention
 
     def zero_grad(q, k, v, *, bias, **kw):
         return dense_attention(q, k, v, bias=jax.lax.stop_gradient(bias), **kw)
@@ -242,6 +241,39 @@ def test_bias_grad_check_accepts_a_correct_gradient_and_rejects_broken_ones(batc
 
     traced(jnp.ones(()))
     assert seen == [True]
+
+
+@pytest.mark.parametrize("layout", ["shared", "per_example", "callable"])
+@pytest.mark.parametrize("inside", [False, True])
+def test_cudnn_path_applies_the_bias_like_the_dense_path(monkeypatch, inside, layout):
+    """cuDNN takes one dense bias added after the scale, so with bias_inside_scale the
+    path passes b * s: (q.k + b) * s == q.k * s + b * s. On CPU, with XLA's
+    dot_product_attention standing in for cuDNN's (same call, same bias), the result is
+    the dense path's and the float64 double loop's, for a shared [H, T, T], a
+    per-example [B, H, T, T] and a callable bias."""
+    real = jax.nn.dot_product_attention
+    calls = []
+
+    def xla_for_cudnn(q, k, v, *, bias, scale, is_causal, implementation):
+        calls.append((implementation, is_causal, bias.shape))
+        return real(q, k, v, bias=bias, scale=scale, is_causal=is_causal, implementation="xla")
+
+    monkeypatch.setattr(A.jax.nn, "dot_product_attention", xla_for_cudnn)
+    q, k, v = rand_qkv(t=40)
+    pos = jnp.arange(40)
+    table = jax.random.normal(jax.random.key(9), (2, 3, 40, 40))  # unit-scale biases
+    bias = {"shared": table[0], "per_example": table,
+            "callable": lambda qp, kp: table[0][:, qp][:, :, kp]}[layout]
+    kw = dict(bias=bias, q_pos=pos, k_pos=pos, scale=0.3, bias_inside_scale=inside)
+    got = cudnn_attention(q, k, v, **kw)
+    want_shape = (2, 3, 40, 40) if layout == "per_example" else (1, 3, 40, 40)
+    assert calls == [("cudnn", True, want_shape)]
+    np.testing.assert_allclose(got, dense_attention(q, k, v, **kw), rtol=1e-5, atol=1e-5)
+    examples = ([(slice(r, r + 1), table[r]) for r in range(2)] if layout == "per_example"
+                else [(slice(None), table[0])])
+    for r, b in examples:
+        want = naive_attention(q[r], k[r], v[r], np.asarray(b), 0.3, inside)
+        np.testing.assert_allclose(got[r], want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN path needs a GPU")

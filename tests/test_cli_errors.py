@@ -16,8 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pytest
+from helpers import Workspace, cli_argv, compose_train
 from omegaconf import OmegaConf
-from test_pipeline import Workspace, cli_argv, compose_train
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 ROOT_SKIP = "running as root: file permissions do not stop root"
@@ -63,7 +63,10 @@ CASES = {
                                "model.num_heads=3 must divide model.d_model=32"),
     "nonfinite_policy": Case(["train.on_nonfinite=ignore"],
                              "train.on_nonfinite must be one of 'error', 'skip'; got 'ignore'"),
-    "eval_length_zero": Case(["eval.lengths=[0]"], "eval lengths must be integers >= 1, got 0"),
+    "eval_length_zero": Case(["eval.lengths=[0]"],
+                             "eval.lengths entries must be integers >= 1, got 0"),
+    "eval_multiple_zero": Case(["eval.multiples=[0]"],
+                               "eval.multiples entries must be integers >= 1, got 0"),
     "eval_mode_unknown": Case(["eval.modes=[strided]"],
                               "eval.modes entries must be one of nonoverlap, sliding"),
     "eval_longer_than_val": Case(["eval.lengths=[100000]"],
@@ -92,7 +95,7 @@ CASES = {
                                "holds a run with a different configuration (model.d_model, "
                                "model.num_heads); use a new hydra.run.dir"),
     # relpos-eval and relpos-plot
-    "eval_without_run_dir": Case([], "Missing mandatory value: run_dir", cmd="eval",
+    "eval_without_run_dir": Case([], "run_dir is required: relpos-eval run_dir=", cmd="eval",
                                  data=False),
     "eval_not_a_run": Case(["run_dir={root}"], "is not a relpos run directory", cmd="eval",
                            data=False),
@@ -185,12 +188,12 @@ def test_non_utf8_text_just_works(ws):
 
 
 def test_ctrl_c_outside_the_training_loop_is_one_line(capsys):
-    from relpos import cli
+    from relpos.cli import common
 
     def app():
         raise KeyboardInterrupt
 
     with pytest.raises(SystemExit) as stop:
-        cli._interruptible("relpos-train", app)
+        common.interruptible("relpos-train", app)
     assert stop.value.code == 130
     assert capsys.readouterr().err == "relpos-train: interrupted\n"

@@ -1,17 +1,21 @@
 """A bias function from the user's own package, selected without editing relpos."""
 
 import importlib
+import json
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import builtin_schemes, tiny_args, write_corpus
 
 import relpos.positions as P
 from relpos.model import ModelConfig, TransformerLM
+from relpos.positions import registry
 
 # The README's example, verbatim in spirit: a class with bias(q_pos, k_pos).
 PLUGIN = textwrap.dedent('''
@@ -47,8 +51,6 @@ PLUGIN = textwrap.dedent('''
 @pytest.fixture
 def plugin(tmp_path, monkeypatch):
     # The plug-in registers a name; keep the registry as other tests expect it.
-    from relpos.positions import registry
-
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     monkeypatch.delitem(sys.modules, "my_bias_pkg.biases", raising=False)
     monkeypatch.delitem(sys.modules, "my_bias_pkg", raising=False)
@@ -87,28 +89,43 @@ def test_duck_typed_class_without_rngs(plugin):
     np.testing.assert_allclose(b[2, 3, 0], -0.75)
 
 
+def test_entry_point_plugin_is_available_but_not_built_in(plugin, monkeypatch):
+    """What installing a package with a ``relpos.positions`` entry point does: its name
+    is listed by available() and builds; builtin_schemes() (which test_positions.py's
+    exact list is compared with) does not change."""
+    before = builtin_schemes()
+
+    class EntryPoint:
+        name = "duck_entry_point"
+
+        def load(self):
+            return importlib.import_module("my_bias_pkg.biases").DuckBias
+
+    entry_points = lambda group: [EntryPoint()] if group == "relpos.positions" else []
+    monkeypatch.setattr(registry, "metadata", SimpleNamespace(entry_points=entry_points))
+    monkeypatch.setattr(registry, "_entry_points_loaded", False)
+    assert "duck_entry_point" in P.available()
+    assert builtin_schemes() == before
+    s = P.build("duck_entry_point", num_heads=2, head_dim=4)
+    np.testing.assert_allclose(s.bias(jnp.arange(3), jnp.arange(3))[1, 2, 0], -1.0)
+
+
 def test_bad_import_path_is_a_clear_error():
     with pytest.raises(ValueError, match="cannot import position scheme 'no_such_pkg.x:Y'"):
         P.build("no_such_pkg.x:Y", num_heads=2, head_dim=4)
 
 
 def test_cli_selects_out_of_tree_scheme(plugin, tmp_path):
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("".join(f"line {i}: the quick brown fox {i * 7 % 13}\n" for i in range(400)))
+    corpus = write_corpus(tmp_path / "corpus.txt")
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "relpos.cli", "train", "bias=none",
            "bias.name=my_bias_pkg.biases:GaussianBias", "+bias.width=32",
-           "model.d_model=32", "model.num_layers=1", "model.num_heads=2", "train.length=16",
-           "train.steps=4", "train.batch_size=2", "train.log_every=2", "train.progress=false",
-           "eval.multiples=[1,2]", "eval.tokens=256", "data=text_files",
-           f"data.paths=[{corpus}]", f"data.cache_dir={tmp_path / 'cache'}",
-           f"hydra.run.dir={run}"]
+           *tiny_args(corpus, tmp_path / "cache"), "train.steps=4", "train.batch_size=2",
+           "train.log_every=2", "eval.tokens=256", f"hydra.run.dir={run}"]
     env = {"PYTHONPATH": str(plugin), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "HOME": str(tmp_path)}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    import json
-
     results = json.loads((run / "results.json").read_text())
     assert results["bias"] == "my_bias_pkg.biases:GaussianBias"
     assert results["bias_options"] == {"width": 32}

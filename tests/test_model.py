@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import builtin_schemes
 
-from relpos import positions
 from relpos.layers import Linear
 from relpos.model import ModelConfig, TransformerLM, count_params
 from relpos.positions import RelposConfigError
@@ -17,7 +17,7 @@ TRAIN_LENGTH = 32
 # Table-based schemes are sized to the training length, so T = 1024 exercises their
 # out-of-range policy (clip) as in a real extrapolation run.
 OPTIONS = {"offset": {"size": TRAIN_LENGTH}, "learned_abs": {"max_length": TRAIN_LENGTH}}
-SCHEMES = positions.available()
+SCHEMES = builtin_schemes()  # an installed plug-in's scheme is not this suite's to test
 
 
 def make(scheme, **cfg):
@@ -81,9 +81,13 @@ def test_blockwise_equals_dense_at_32x(scheme):
 def test_per_layer_bias_modules(scheme):
     shared = make(scheme, share_position=True)
     per_layer = make(scheme, share_position=False)
-    assert len(per_layer.layer_positions) == 1 or scheme == "alibi" and not count_params(
-        per_layer.layer_positions)
-    if scheme in ("offset", "t5", "kerple_log", "fire"):
+    # layer 0 uses model.position; each further layer (here one) has its own copy
+    assert len(shared.layer_positions) == 0 and len(per_layer.layer_positions) == 1
+    if scheme == "alibi":  # fixed slopes: the copy holds no parameters
+        assert count_params(per_layer.layer_positions) == 0
+        assert count_params(per_layer) == count_params(shared)
+    else:
+        assert count_params(per_layer.layer_positions) > 0
         assert count_params(per_layer) > count_params(shared)
     x = tokens(1, 64)
     per_layer = randomize_tables(per_layer)

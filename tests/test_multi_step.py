@@ -9,18 +9,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import compose_train
 
 from relpos.config import OptimSection
 from relpos.errors import RelposError
 from relpos.model import ModelConfig, TransformerLM
-from relpos.train import (
-    check_train_config,
+from relpos.runs import check_train_config, default_label, steps_per_call
+from relpos.training.step import (
     fresh_guard,
     lm_loss,
     make_optimizer,
     make_train_step,
     position_mask,
-    steps_per_call,
 )
 
 B, T, N = 4, 16, 5
@@ -63,9 +63,14 @@ def test_scan_of_steps_equals_steps_one_call_each(scheme, per_step_positions):
     *got_state, got_m = make_train_step(graphdef, tx, multi=True)(*state, tokens, positions,
                                                                   jnp.int32(3))
     assert got_m["loss"].shape == (N,)
+    # The scan body and the single step are compiled separately, so they may differ by
+    # fp32 rounding. Measured on XLA:CPU (jax 0.10.2): no difference at all, for both
+    # cases: loss, grad_norm, parameters and AdamW state bitwise equal (max relative
+    # difference 0). 1e-5, as for the loss, leaves room for another backend's fusion
+    # order (not measured on a GPU).
     np.testing.assert_allclose(got_m["loss"], ref_m["loss"], rtol=1e-5)
-    np.testing.assert_allclose(got_m["grad_norm"], ref_m["grad_norm"], rtol=1e-4)
-    assert_close(got_state[:2], ref_state[:2], rtol=1e-4)
+    np.testing.assert_allclose(got_m["grad_norm"], ref_m["grad_norm"], rtol=1e-5)
+    assert_close(got_state[:2], ref_state[:2], rtol=1e-5)
     # the parameters moved: the comparison is not between two untouched states
     init = fresh(scheme)[2][0]
     moved = max(float(jnp.abs(a - b).max()) for a, b in
@@ -94,8 +99,6 @@ def test_guard_records_the_global_step_inside_a_call():
 
 
 def test_steps_per_call_must_divide_the_host_intervals():
-    from tests.test_pipeline import compose_train
-
     cfg = compose_train(["train.steps_per_call=8", "train.log_every=50",
                          "train.checkpoint_every=200"])
     with pytest.raises(RelposError, match=r"steps_per_call=8 must divide train.log_every=50; "
@@ -113,8 +116,6 @@ def test_steps_per_call_must_divide_the_host_intervals():
     (50, 200, 0, 25), (4, 10, 0, 2), (4, 8, 0, 4), (7, 200, 0, 1), (50, 200, 30, 10),
     (100, 400, 25, 25), (100, 400, 15, 5), (40, 200, 0, 20)])
 def test_auto_steps_per_call_divides_every_host_interval(log, ckpt, ev, expected):
-    from tests.test_pipeline import compose_train
-
     cfg = compose_train([f"train.log_every={log}", f"train.checkpoint_every={ckpt}",
                          f"train.eval_every={ev}"])
     assert cfg.train.steps_per_call is None  # the default is auto
@@ -148,8 +149,6 @@ def test_position_lr_scale_scales_only_the_position_schemes_updates(scheme, shar
 
 
 def test_default_label_names_a_scaled_position_lr():
-    from relpos.train import default_label
-
     assert default_label("t5", OptimSection()) == "t5"
     assert default_label("t5", OptimSection(position_lr_scale=10.0)) == "t5 (position lr x10)"
     assert default_label("fire", OptimSection(position_lr_scale=0.5)) == "fire (position lr x0.5)"

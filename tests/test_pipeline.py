@@ -11,14 +11,11 @@ corrupt checkpoints) in ``test_reliability.py``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-import random
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -26,110 +23,26 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from hydra import compose, initialize_config_dir
+from helpers import (
+    assert_trees_equal,
+    compose_train,
+    eval_by_key,
+    loss_rows,
+    restore_state,
+)
 
-from relpos import evaluate as eval_lib
-from relpos import train as train_lib
-from relpos.config import config_dir, register_schemas
+from relpos import evaluation as eval_lib
+from relpos import runs as train_lib
+from relpos.config import build_model, register_schemas
+from relpos.errors import RelposError
+from relpos.training.checkpoint import Checkpoints
+from relpos.training.loop import Preempted
 
 register_schemas()
 
 RESULT_KEYS = {"bias", "train_length", "seed", "tokenizer", "dataset", "params", "train_tokens",
                "train_seconds", "train_tokens_per_second", "eval", "optim", "label"}
 EVAL_KEYS = {"length", "mode", "loss", "ppl", "bits_per_token", "tokens"}
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def write_corpus(path: Path, n_chars: int = 60_000, seed: int = 0) -> Path:
-    """Generated English-like text: learnable in a few steps, no download."""
-    rng = random.Random(seed)
-    words = ("the a position bias offset attention head query key value token length "
-             "train test long short model layer window slope table relative").split()
-    parts, size = [], 0
-    while size < n_chars:
-        s = " ".join(rng.choice(words) for _ in range(rng.randint(4, 12))).capitalize() + ". "
-        parts.append(s)
-        size += len(s)
-    path.write_text("".join(parts))
-    return path
-
-
-def cli_env(base: Path) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RELPOS_TRACEBACK", "HYDRA_FULL_ERROR")}
-    env.update({
-        "JAX_PLATFORMS": "cpu",
-        "JAX_COMPILATION_CACHE_DIR": str(base / "jax-cache"),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-        "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-    })
-    return env
-
-
-def cli_argv(cmd: str) -> list[str]:
-    script = Path(sys.executable).parent / f"relpos-{cmd}"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "relpos.cli", cmd]
-
-
-class Workspace:
-    """A corpus, a token cache and the tiny-model overrides every run here shares."""
-
-    def __init__(self, root: Path, base: Path):
-        self.root = root
-        self.corpus = write_corpus(root / "corpus.txt")
-        self.env = cli_env(base)
-        self.args = [
-            "model.d_model=32", "model.num_layers=1", "model.num_heads=2",
-            "train.length=16", "train.batch_size=8", "train.progress=false",
-            "optim.warmup_steps=5", "data=text_files", f"data.paths=[{self.corpus}]",
-            f"data.cache_dir={base / 'data-cache'}",
-            "eval.multiples=[1,2]", "eval.tokens=512", "eval.batch_tokens=256",
-        ]
-
-    def run(self, cmd: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-        return subprocess.run(cli_argv(cmd) + list(args), capture_output=True, text=True,
-                              cwd=self.root, env=self.env, timeout=timeout)
-
-    def train(self, *args: str, **kw) -> subprocess.CompletedProcess:
-        return self.run("train", *self.args, *args, **kw)
-
-
-@pytest.fixture(scope="module")
-def ws(tmp_path_factory) -> Workspace:
-    return Workspace(tmp_path_factory.mktemp("pipeline"), tmp_path_factory.getbasetemp())
-
-
-def compose_train(overrides: list[str]):
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return compose("train", overrides=overrides)
-
-
-def restore_state(run_dir: Path, step: int) -> dict:
-    import orbax.checkpoint as ocp
-
-    return ocp.StandardCheckpointer().restore((run_dir / "checkpoints" / str(step) / "state")
-                                              .resolve())
-
-
-def assert_trees_equal(a, b) -> None:
-    la, ta = jax.tree.flatten(a)
-    lb, tb = jax.tree.flatten(b)
-    assert ta == tb
-    for x, y in zip(la, lb):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-def loss_rows(run_dir: Path) -> list[dict]:
-    """The training rows (those with a loss) of a run's metrics.jsonl, in order."""
-    rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-    return [r for r in rows if "loss" in r]
-
-
-def eval_by_key(results: dict) -> dict:
-    return {(e["mode"], e["length"]): e for e in results["eval"]}
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -213,6 +126,24 @@ def test_multirun_two_schemes_then_plot(ws):
 # ----------------------------------------------------------------------------- resume
 
 
+@contextlib.contextmanager
+def sigterm_after_checkpoint(monkeypatch, at_step: int):
+    """Within the block, the process sends itself SIGTERM right after the checkpoint of
+    ``at_step`` is saved (as a scheduler's preemption would arrive)."""
+    save = Checkpoints.save
+
+    def save_then_signal(self, step, state, meta):
+        save(self, step, state, meta)
+        if step == at_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Checkpoints, "save", save_then_signal)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(Checkpoints, "save", save)
+
+
 def test_interrupted_run_resumes_to_the_same_end(ws, monkeypatch):
     """Library level: SIGTERM right after the step-10 checkpoint stops the run (a
     checkpoint at the stop step), a second call resumes; the end equals an
@@ -223,21 +154,12 @@ def test_interrupted_run_resumes_to_the_same_end(ws, monkeypatch):
     whole, parts = ws.root / "whole", ws.root / "parts"
     ref = train_lib.train(cfg, whole)
 
-    save = train_lib.Checkpoints.save
-
-    def save_then_signal(self, step, state, meta):
-        save(self, step, state, meta)
-        if step == 10:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(train_lib.Checkpoints, "save", save_then_signal)
-    with pytest.raises(train_lib.Preempted) as stop:
+    with sigterm_after_checkpoint(monkeypatch, 10), pytest.raises(Preempted) as stop:
         train_lib.train(cfg, parts)
     assert stop.value.signum == signal.SIGTERM and 10 < stop.value.step < 24
     assert str(parts) in str(stop.value)
     assert (parts / "checkpoints" / str(stop.value.step)).is_dir()
     assert not (parts / "results.json").exists()
-    monkeypatch.setattr(train_lib.Checkpoints, "save", save)
 
     out = train_lib.train(cfg, parts)
     assert out["final_train_loss"] == ref["final_train_loss"]
@@ -275,19 +197,10 @@ def test_resume_between_call_boundaries(ws, monkeypatch):
     base = ws.args + ["train.steps=16", "train.log_every=4", "train.checkpoint_every=10",
                       "eval.modes=[nonoverlap]"]
     ref = train_lib.train(compose_train(base + ["train.steps_per_call=2"]), ws.root / "k2")
-    save = train_lib.Checkpoints.save
-
-    def save_then_signal(self, step, state, meta):
-        save(self, step, state, meta)
-        if step == 10:
-            os.kill(os.getpid(), signal.SIGTERM)
-
     parts = ws.root / "k1_then_k2"
-    monkeypatch.setattr(train_lib.Checkpoints, "save", save_then_signal)
-    with pytest.raises(train_lib.Preempted) as stop:
+    with sigterm_after_checkpoint(monkeypatch, 10), pytest.raises(Preempted) as stop:
         train_lib.train(compose_train(base + ["train.steps_per_call=1"]), parts)
     assert stop.value.step == 11
-    monkeypatch.setattr(train_lib.Checkpoints, "save", save)
     out = train_lib.train(compose_train(base + ["train.steps_per_call=2"]), parts)
     rows = {r["step"]: r for r in loss_rows(parts)}
     ref_rows = {r["step"]: r for r in loss_rows(ws.root / "k2")}
@@ -307,7 +220,7 @@ def oracle(ws):
     """An untrained tiny model, random validation tokens, and evaluate()'s results for
     both modes at lengths 16 and 32 (LM head in chunks of 8 positions)."""
     cfg = compose_train(ws.args + ["eval.loss_chunk=8", "bias=alibi"])
-    model = train_lib.build_model(cfg, vocab_size=257)
+    model = build_model(cfg, vocab_size=257)
     val = np.random.default_rng(0).integers(0, 257, size=3000).astype(np.uint16)
     got = eval_by_key({"eval": eval_lib.evaluate(model, val, train_length=16, ecfg=cfg.eval)})
     graphdef, state = nnx.split(model)
@@ -323,10 +236,23 @@ def oracle(ws):
     return got, nll_of, val, model, cfg
 
 
+def oracle_blocks(val, cfg) -> tuple[np.ndarray, int]:
+    """The target blocks evaluate() scores: eval.tokens=512 over a longest length of 32
+    is 16 blocks of 32 consecutive targets (block b: targets b+1 .. b+32), disjoint and
+    inside the split, each with room for the longest sliding context (16) before it."""
+    blocks, size = eval_lib.target_blocks(val.size, [16, 32], cfg.eval)
+    assert (len(blocks), size) == (16, 32)
+    assert blocks[0] >= 16 and (np.diff(blocks) >= size).all() and blocks[-1] + size < val.size
+    return blocks, size
+
+
 def test_nonoverlap_loss_equals_direct_computation(oracle):
-    got, nll_of, val, *_ = oracle
+    """Each target block cut into consecutive windows of L (32 is a multiple of 16 and
+    32, so no window is moved back): evaluate()'s loss is the mean NLL over them."""
+    got, nll_of, val, _, cfg = oracle
+    blocks, size = oracle_blocks(val, cfg)
     for L in (16, 32):
-        starts = np.arange(0, 512, L)  # the first 512 targets, consecutive windows
+        starts = (blocks[:, None] + np.arange(0, size, L)[None, :]).ravel()
         want = nll_of(val[starts[:, None] + np.arange(L + 1)]).mean()
         e = got[("nonoverlap", L)]
         assert e["tokens"] == 512 and e["windows"] == len(starts)
@@ -344,15 +270,16 @@ def test_quick_val_loss_is_the_nonoverlap_loss_and_compiles_once(oracle):
 
 
 def test_sliding_loss_equals_per_target_oracle(oracle):
-    """Each target t in [C+1, C+E] (C: the context of the longest window) is scored
-    once, by the window whose last S positions hold it, so it sees >= L - S tokens."""
-    got, nll_of, val, *_ = oracle
-    context = max(L - L // 2 for L in (16, 32))
-    targets = np.arange(context + 1, context + 512 + 1)
+    """Each target t of a block starting at b (t in [b+1, b+32]) is scored once, by the
+    window whose last S positions hold it, so it sees >= L - S tokens."""
+    got, nll_of, val, _, cfg = oracle
+    blocks, size = oracle_blocks(val, cfg)
+    block = np.repeat(blocks, size)
+    targets = block + np.tile(np.arange(1, size + 1), len(blocks))
     for L in (16, 32):
         S = L // 2
-        k = (targets - context - 1) // S
-        starts = context - (L - S) + k * S
+        k = (targets - block - 1) // S
+        starts = block - (L - S) + k * S
         pos = targets - 1 - starts
         assert (pos >= L - S).all() and (pos < L).all()
         uniq, inv = np.unique(starts, return_inverse=True)
@@ -371,34 +298,51 @@ class _Eval:
 @pytest.mark.parametrize("n_val,lengths,tokens,stride", [
     (3000, [16, 32, 64], 512, 0),      # power-of-two multiples, tokens fit
     (3000, [16, 32, 64], 100, 0),      # tokens not a multiple of the lengths
-    (200, [16, 32, 64], 10_000, 0),    # tokens beyond the split: windows clamped at the end
+    (200, [16, 32, 64], 10_000, 0),    # tokens beyond the split: as many blocks as fit
     (1000, [24, 40, 100], 700, 0),     # lengths that do not divide one another
     (1000, [16, 48], 333, 5),          # explicit stride
-    (130, [64, 128], 10_000, 0),       # the longest window barely fits
+    (193, [64, 128], 10_000, 0),       # one block and its sliding context exactly fit
 ])
 def test_window_plan_scores_every_target_once(mode, n_val, lengths, tokens, stride):
+    """ceil(tokens / longest) blocks of the longest length (fewer if the split has no
+    room for more), each after room for the longest sliding context; every length's
+    windows stay inside the split and score each target of the blocks exactly once, in
+    a window of its own block (sliding: with >= L - S tokens of context)."""
     ecfg = _Eval(tokens, stride)
-    try:
-        plan, e = eval_lib.window_plan(n_val, lengths, mode, ecfg)
-    except eval_lib.RelposError:
-        assert mode == "sliding"  # no room for context + a target: a clear error is right
-        return
-    assert e >= 1
-    offsets = {plan[L][2] for L in lengths}
-    assert len(offsets) == 1
-    offset = offsets.pop()
-    want = np.arange(offset + 1, offset + e + 1)
+    size = max(lengths)
+    context = max(L - min(stride or L // 2, L) for L in lengths)
+    blocks, got_size = eval_lib.target_blocks(n_val, lengths, ecfg)
+    assert got_size == size
+    assert len(blocks) == min(-(-tokens // size), (n_val - 1 - context) // size) >= 1
+    assert blocks[0] >= context and (np.diff(blocks) >= size).all()
+    assert blocks[-1] + size <= n_val - 1
+    want = np.concatenate([np.arange(b + 1, b + size + 1) for b in blocks])
+    plan = eval_lib.window_plan(n_val, lengths, mode, ecfg)
+    assert sorted(plan) == sorted(lengths)
     for L in lengths:
-        starts, first, _ = plan[L]
-        assert (starts >= 0).all() and (starts + L + 1 <= n_val).all()  # inside the split
+        w = plan[L]
+        assert (w.starts >= 0).all() and (w.starts + L + 1 <= n_val).all()  # inside the split
         scored = []
-        for s, f in zip(starts, first):
+        for s, f, stop, b in zip(w.starts, w.first, w.stop, w.block):
             p = np.arange(f, L)
             t = s + p + 1
-            keep = t < offset + e + 1
+            keep = t < stop
+            assert (t[keep] > blocks[b]).all() and (t[keep] <= blocks[b] + size).all()
             scored.append(t[keep])
             if mode == "sliding":
                 step = stride or L // 2
                 assert (p[keep] >= L - min(step, L)).all()  # context >= L - S
         scored = np.sort(np.concatenate(scored))
         np.testing.assert_array_equal(scored, want, err_msg=f"L={L}")
+
+
+@pytest.mark.parametrize("mode", ["nonoverlap", "sliding"])
+@pytest.mark.parametrize("n_val", [2, 65, 130, 192])
+def test_window_plan_refuses_a_split_too_short_for_one_block(mode, n_val):
+    """Windows of 64 and 128 need one block of 128 targets after 64 tokens of sliding
+    context (both modes score the same targets): 193 tokens. A shorter split is a clear
+    error naming its size, not an empty or out-of-range plan."""
+    with pytest.raises(RelposError, match=rf"validation split \({n_val} tokens\) is too short "
+                                          r"for windows of length 128 with 64 tokens of "
+                                          r"sliding context"):
+        eval_lib.window_plan(n_val, [64, 128], mode, _Eval(10_000))

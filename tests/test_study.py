@@ -11,9 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import tiny_args, write_corpus
 
-from relpos.evaluate import bias_profile, profile_offsets
+from relpos.evaluation import bias_profile
 from relpos.model import ModelConfig, TransformerLM
+from relpos.plots import profile_offsets
 from relpos.positions.alibi import alibi_slopes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,16 +41,12 @@ def test_profile_offsets_small_cases():
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_reproduce_script_miniature(tmp_path):
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("".join(f"def f{i}(x):\n    return x * {i % 17} + {i % 5}\n\n"
-                              for i in range(600)))
+    corpus = write_corpus(tmp_path / "corpus.txt")
     env = dict(os.environ, RELPOS_STUDY_DIR=str(tmp_path / "study"), HF_HUB_OFFLINE="1",
                HF_DATASETS_OFFLINE="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    overrides = ["bias=alibi,offset", "seed=0", "train.steps=6", "train.length=16",
-                 "train.batch_size=2", "train.log_every=3", "train.checkpoint_every=6",
-                 "model.d_model=32", "model.num_layers=1", "model.num_heads=2",
-                 "eval.multiples=[1,4]", "eval.tokens=256", "data=text_files",
-                 f"data.paths=[{corpus}]", f"data.cache_dir={tmp_path / 'cache'}",
+    overrides = ["bias=alibi,offset", "seed=0", "train.steps=6", "train.batch_size=2",
+                 "train.log_every=3", "train.checkpoint_every=6", "eval.tokens=256",
+                 *tiny_args(corpus, tmp_path / "cache", multiples="[1,4]"),
                  "hydra.sweeper.params.seed=0"]
     out = subprocess.run(["bash", str(ROOT / "scripts/reproduce_extrapolation.sh"), "quick",
                           *overrides], capture_output=True, text=True, env=env, timeout=600)
