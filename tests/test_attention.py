@@ -186,20 +186,29 @@ def test_auto_sends_learned_biases_to_cudnn_only_if_its_gradient_checks_out(monk
     assert choose_impl("cudnn", learned_bias=True, batched_bias=True, **kw) == "cudnn"
 
 
-def test_model_asks_the_check_for_its_bias_layout_and_head_size(monkeypatch):
-    """The model resolves auto per forward: shared positions ([T]) ask about a shared
-    bias, per-example positions ([B, T], randomized positions) about per-example ones,
-    at the model's head size; a failed check sends the learned bias to dense."""
-    asked, taken = [], []
+@pytest.fixture
+def on_fake_gpu(monkeypatch):
+    """A GPU backend whose cuDNN path is the dense path, recording what auto asks the
+    bias-gradient check (``asked``) and which calls took cuDNN (``taken``); the check
+    answers ``answer(batched)``."""
+    rec = {"asked": [], "taken": [], "answer": lambda batched: batched}
     monkeypatch.setattr(A.jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(A, "cudnn_bias_grad_ok",
-                        lambda batched, head_dim: asked.append((batched, head_dim)) or batched)
+    monkeypatch.setattr(A, "cudnn_bias_grad_ok", lambda batched, head_dim: rec["asked"].append(
+        (batched, head_dim)) or rec["answer"](batched))
 
     def cudnn_stand_in(q, k, v, **kw):
-        taken.append("cudnn")
+        rec["taken"].append("cudnn")
         return A.dense_attention(q, k, v, **kw)
 
     monkeypatch.setattr(A, "cudnn_attention", cudnn_stand_in)
+    return rec
+
+
+def test_model_asks_the_check_for_its_bias_layout_and_head_size(on_fake_gpu):
+    """The model resolves auto per forward: shared positions ([T]) ask about a shared
+    bias, per-example positions ([B, T], randomized positions) about per-example ones,
+    at the model's head size; a failed check sends the learned bias to dense."""
+    asked, taken = on_fake_gpu["asked"], on_fake_gpu["taken"]
     cfg = ModelConfig(d_model=32, num_layers=1, num_heads=2, dtype="bfloat16")
     model = TransformerLM(cfg, "t5", rngs=nnx.Rngs(params=0))
     tokens = jnp.zeros((2, 8), jnp.int32)
@@ -209,6 +218,23 @@ def test_model_asks_the_check_for_its_bias_layout_and_head_size(monkeypatch):
     assert asked[-1] == (True, 16) and taken == ["cudnn"]
     assert model.attention_impl(8, batched=True) == "cudnn"
     assert model.attention_impl(8) == "dense"
+
+
+def test_direct_auto_caller_with_a_bias_runs_the_gradient_check(on_fake_gpu):
+    """causal_attention(impl="auto") called directly, not through TransformerLM, treats
+    any bias as learned: cuDNN only where its bias gradient checked out."""
+    asked, taken = on_fake_gpu["asked"], on_fake_gpu["taken"]
+    on_fake_gpu["answer"] = lambda batched: False
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 8, 2, 16), jnp.bfloat16)
+               for i in range(3))
+    pos = jnp.arange(8)
+    A.causal_attention(q, k, v, q_pos=pos, k_pos=pos, bias=jnp.zeros((2, 8, 8)))
+    assert asked == [(False, 16)] and taken == []  # the check failed: dense, not cuDNN
+    A.causal_attention(q, k, v, q_pos=jnp.stack([pos, pos]), k_pos=jnp.stack([pos, pos]),
+                       bias=lambda qp, kp: jnp.zeros((2, len(qp), len(kp))))
+    assert asked[-1] == (True, 16) and taken == []
+    A.causal_attention(q, k, v, q_pos=pos, k_pos=pos)  # no bias: nothing to check
+    assert len(asked) == 2 and taken == ["cudnn"]
 
 
 @pytest.mark.parametrize("batched", [False, True])
