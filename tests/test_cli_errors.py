@@ -44,6 +44,9 @@ CASES = {
                           "num_buckets must be an integer >= 2, got 1"),
     "fire_negative_threshold": Case(["bias=fire", "bias.threshold=-1"],
                                     "threshold must be a positive finite number, got -1"),
+    "fire_option_of_wrong_type": Case(["bias=fire", "bias.hidden=abc"],
+                                      "option 'hidden' of position scheme 'fire' must be an int "
+                                      "(its default is 32), got 'abc'"),
     "kerple_unknown_option": Case(["bias=kerple_power", "+bias.foo=1"],
                                   "'foo' is not an option of position scheme 'kerple_power'; "
                                   "valid options: "),
@@ -72,6 +75,9 @@ CASES = {
     "eval_longer_than_val": Case(["eval.lengths=[100000]"],
                                  "eval length 100000 is longer than the validation split ("),
     # data
+    "directory_as_file": Case(["data=text_files", "data.paths=[{root}/empty_dir]"],
+                              "corpus path {root}/empty_dir is a directory; data.paths lists "
+                              "files", data=False),
     "missing_file": Case(["data=text_files", "data.paths=[{root}/missing.txt]"],
                          "corpus file not found: {root}/missing.txt", data=False),
     "empty_file": Case(["data=text_files", "data.paths=[{root}/empty.txt]"],
@@ -197,3 +203,13 @@ def test_ctrl_c_outside_the_training_loop_is_one_line(capsys):
         common.interruptible("relpos-train", app)
     assert stop.value.code == 130
     assert capsys.readouterr().err == "relpos-train: interrupted\n"
+
+
+def test_a_failed_run_writes_its_error_to_train_log(ws, outcomes):
+    log = (ws.root / "runs" / "steps_negative" / "train.log").read_text()
+    assert "error: train.steps must be an integer >= 1, got -1" in log
+
+
+def test_relpos_eval_writes_nothing_into_a_folder_that_is_not_a_run(ws, outcomes):
+    assert outcomes["eval_not_a_run"].returncode == 2
+    assert not list(ws.root.glob("*.log")) and not (ws.root / ".hydra").exists()

@@ -130,3 +130,17 @@ def test_cli_selects_out_of_tree_scheme(plugin, tmp_path):
     assert results["bias"] == "my_bias_pkg.biases:GaussianBias"
     assert results["bias_options"] == {"width": 32}
     assert all(np.isfinite(e["loss"]) for e in results["eval"])
+
+
+class PlainArrayBias(P.PositionScheme):
+    def __init__(self, *, num_heads, head_dim, rngs):
+        self.w = jnp.ones((num_heads,))  # neither an nnx.Param nor a tuple
+
+    def bias(self, q_pos, k_pos):
+        return jnp.zeros((self.w.shape[0], len(q_pos), len(k_pos)))
+
+
+def test_a_plain_array_attribute_is_one_clear_error():
+    with pytest.raises(P.RelposConfigError, match=r"keeps a plain array in attribute 'w': "
+                                                  r"wrap a learned one in nnx.Param"):
+        P.build(f"{__name__}:PlainArrayBias", num_heads=2, head_dim=4)

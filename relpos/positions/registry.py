@@ -149,9 +149,10 @@ def _check_option_type(scheme: str, key: str, value, default) -> None:
     if want is None or value is None:
         return
     if not isinstance(value, want) or (isinstance(value, bool) and type(default) is not bool):
+        kind = type(default).__name__
         raise RelposConfigError(
-            f"option {key!r} of position scheme {scheme!r} must be a {type(default).__name__} "
-            f"(its default is {default!r}), got {value!r}")
+            f"option {key!r} of position scheme {scheme!r} must be {'an' if kind == 'int' else 'a'}"
+            f" {kind} (its default is {default!r}), got {value!r}")
 
 
 def _check_state(scheme: str, module) -> None:
