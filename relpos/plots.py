@@ -54,10 +54,6 @@ def style(label: str, labels: list[str] | None = None) -> dict:
     return kw
 
 
-def color(label: str):
-    return style(label)["color"]
-
-
 def collect(inputs: list[str]) -> list[dict]:
     """All runs under the given files/folders: each folder's ``results.json`` and its
     re-evaluation files (``eval*.json``, what relpos-eval writes). A re-evaluation of the

@@ -220,7 +220,7 @@ def _train(cfg, run_dir: Path, closing: contextlib.ExitStack) -> dict[str, Any]:
     trainer = Trainer(step_fn, batches, total_steps=t.steps, steps_per_call=per_call,
                       progress=progress)
     tokens_per_step = t.batch_size * t.length
-    last = {"loss": None, "step": state.step, "steady_steps": 0, "steady_seconds": 0.0}
+    last = {"loss": None, "steady_steps": 0, "steady_seconds": 0.0}  # at the last log row
 
     def log_row(info: StepInfo):
         check_guard(info.state.guard, t.on_nonfinite, info.state.step)
@@ -230,7 +230,7 @@ def _train(cfg, run_dir: Path, closing: contextlib.ExitStack) -> dict[str, Any]:
         tok_s = tokens_per_second(
             (clock.steady_steps - last["steady_steps"]) * tokens_per_step,
             clock.steady_seconds - last["steady_seconds"])
-        last.update(loss=loss, step=step, steady_steps=clock.steady_steps,
+        last.update(loss=loss, steady_steps=clock.steady_steps,
                     steady_seconds=clock.steady_seconds)
         row = {"step": step, "loss": loss, "grad_norm": last_metric(info.metrics["grad_norm"]),
                # skipped steps leave the optimiser's count (and so the lr) behind
