@@ -134,6 +134,8 @@ class EvalSection:
     batch_tokens: int = 16384  # windows per forward = max(1, batch_tokens // length)
     loss_chunk: int = 2048  # LM head + loss over this many positions at a time
     progress: bool = True  # a progress bar over the evaluation's windows
+    # windows per length > L for the attention mass on keys at offsets >= L (0: off)
+    attention_windows: int = 16
 
 
 @dataclass

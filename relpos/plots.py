@@ -206,6 +206,37 @@ def markdown_table(results: list[dict], mode: str = "nonoverlap") -> str:
     return "\n".join(lines) + "\n"
 
 
+def diagnostics_table(results: list[dict]) -> str:
+    """Per scheme: the attention mass on keys at offsets >= L (mean [95% t interval over
+    seeds]) at each length > L, and each seed's extrapolation breakpoint at the longest
+    non-overlapping length (the first position bin whose loss exceeds the same targets'
+    loss at L by more than its interval; "–": none)."""
+    mass: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    breaks: dict[str, list[str]] = defaultdict(list)
+    for r in sorted(results, key=lambda r: r.get("seed", 0)):
+        for m in r.get("attention_far_mass") or []:
+            mass[label_of(r)][m["length"]].append(m["mean"])
+        long = [e for e in r["eval"] if e["mode"] == "nonoverlap" and "breakpoint" in e]
+        if long:
+            b = max(long, key=lambda e: e["length"])["breakpoint"]
+            breaks[label_of(r)].append("–" if b is None else str(b))
+    labs = _order(set(mass) | set(breaks))
+    if not labs:
+        return ""
+    train_length = results[0]["train_length"]
+    lengths = sorted({L for v in mass.values() for L in v})
+    longest = max(e["length"] for r in results for e in r["eval"])
+    lines = [f"Attention mass on keys at offsets >= {train_length} (queries at positions >= "
+             f"{train_length}; mean over layers, heads and windows; mean [95% t interval over "
+             f"seeds]), and the breakpoint per seed at {longest} (nonoverlap)", "",
+             "| scheme | " + " | ".join(f"mass at {L}" for L in lengths)
+             + " | breakpoint per seed |", "|---|" + "---|" * (len(lengths) + 1)]
+    for lab in labs:
+        cells = [_fmt(mass[lab].get(L, [])) for L in lengths]
+        lines.append(f"| {lab} | " + " | ".join(cells) + f" | {', '.join(breaks[lab])} |")
+    return "\n".join(lines) + "\n"
+
+
 def profile_offsets(train_length: int, max_length: int, points: int = 256) -> np.ndarray:
     """Every offset up to 2x the training length, then ``points`` log-spaced ones."""
     dense = np.arange(min(2 * train_length, max_length))
@@ -504,6 +535,7 @@ def make_all(inputs: list[str], out_dir: str, title: str = "",
     plot_offset_counts(L, longest, out / "offset_counts.png")
     written["offset_counts"] = str(out / "offset_counts.png")
     tables = "\n".join(markdown_table(results, m) for m in ("nonoverlap", "sliding"))
+    tables += "\n" + diagnostics_table(results)
     atomic_write_text(out / "table.md", tables)
     written["table"] = str(out / "table.md")
     return written

@@ -283,6 +283,9 @@ def _train(cfg, run_dir: Path, closing: contextlib.ExitStack) -> dict[str, Any]:
         model, build_model(cfg, corpus.vocab_size), train_length=t.length, train_steps=t.steps)
     results["eval"] = evaluation.evaluate(model, corpus.val, train_length=t.length,
                                           ecfg=cfg.eval)
+    results["attention_far_mass"] = evaluation.attention_far_mass(
+        model, corpus.val, train_length=t.length, ecfg=cfg.eval,
+        windows=cfg.eval.attention_windows)
     profile = evaluation.save_bias_profile(
         model, run_dir / "bias_profile.json", train_length=t.length,
         max_length=max(e["length"] for e in results["eval"]))
@@ -367,11 +370,14 @@ def evaluate_run(cfg) -> dict:
     label = cfg.label or base.get("label") or default_label(name, tcfg.optim)
     if cfg.bias_overrides and not cfg.label:  # another scheme setting: another curve
         label += " (" + ", ".join(f"{k}={v}" for k, v in plain(cfg.bias_overrides).items()) + ")"
-    results = {**{k: v for k, v in base.items() if k != "eval"},
-               "bias": name, "bias_options": opts, "train_length": tcfg.train.length,
+    L = tcfg.train.length
+    results = {**{k: v for k, v in base.items() if k not in ("eval", "attention_far_mass")},
+               "bias": name, "bias_options": opts, "train_length": L,
                "seed": tcfg.seed, "label": label, "checkpoint_step": step,
                "bias_overrides": plain(cfg.bias_overrides) or None,
-               "eval": evaluation.evaluate(model, corpus.val, train_length=tcfg.train.length,
-                                           ecfg=cfg.eval)}
+               "eval": evaluation.evaluate(model, corpus.val, train_length=L, ecfg=cfg.eval),
+               "attention_far_mass": evaluation.attention_far_mass(
+                   model, corpus.val, train_length=L, ecfg=cfg.eval,
+                   windows=cfg.eval.attention_windows)}
     atomic_write_json(run_dir / cfg.output, results)
     return results

@@ -13,9 +13,16 @@ from flax import nnx
 import relpos.positions as P
 from relpos import plots
 from relpos.errors import RelposError
-from relpos.evaluation import evaluate, ratio_ci, table_coverage, target_blocks, window_plan
+from relpos.evaluation import (
+    attention_far_mass,
+    evaluate,
+    ratio_ci,
+    table_coverage,
+    target_blocks,
+    window_plan,
+)
 from relpos.model import ModelConfig, TransformerLM
-from relpos.nn.attention import blockwise_attention, dense_attention
+from relpos.nn.attention import attention_weights, blockwise_attention, dense_attention
 
 
 def scored_targets(windows, L):
@@ -119,6 +126,55 @@ def test_offset_mask_policy_is_a_window_of_size_keys():
     np.testing.assert_allclose(g_block, g_dense, rtol=1e-4, atol=1e-6)
 
 
+def test_attention_weights_match_a_naive_softmax():
+    T, H, d = 9, 2, 8
+    q, k = (jax.random.normal(jax.random.key(n), (1, T, H, d)) for n in range(2))
+    bias = np.random.default_rng(1).normal(size=(H, T, T))
+    got = np.asarray(attention_weights(q, k, bias=jnp.asarray(bias, jnp.float32),
+                                       q_pos=jnp.arange(T), k_pos=jnp.arange(T), scale=0.3))
+    qn, kn = (np.asarray(x, np.float64)[0] for x in (q, k))
+    for h in range(H):
+        for i in range(T):
+            s = np.array([qn[i, h] @ kn[j, h] * 0.3 + bias[h, i, j] for j in range(i + 1)])
+            p = np.exp(s - s.max())
+            np.testing.assert_allclose(got[0, h, i, :i + 1], p / p.sum(), rtol=1e-5, atol=1e-7)
+            assert (got[0, h, i, i + 1:] == 0).all()  # causal
+
+
+def far_mass_model(position, **opts):
+    cfg = ModelConfig(vocab_size=11, d_model=16, num_layers=2, num_heads=2)
+    return TransformerLM(cfg, position, opts, rngs=nnx.Rngs(0))
+
+
+def test_attention_far_mass_is_zero_for_a_window_and_matches_a_naive_sum():
+    L, T = 8, 32
+    val = np.random.default_rng(0).integers(0, 11, 4000)
+    ecfg = NS(multiples=[1, 4], lengths=None, modes=["nonoverlap"], stride=0, tokens=4 * T,
+              batch_tokens=64, loss_chunk=16, progress=False, attention_windows=4)
+    masked = far_mass_model("offset", size=L, policy="mask", init_std=0.5)
+    (entry,) = attention_far_mass(masked, val, train_length=L, ecfg=ecfg, windows=4)
+    assert entry["length"] == T and entry["windows"] == 4 and entry["mean"] == 0.0
+
+    model = far_mass_model("none")  # naive: the layers' probabilities, summed by hand
+    (entry,) = attention_far_mass(model, val, train_length=L, ecfg=ecfg, windows=4)
+    plan = window_plan(val.size, [L, T], "nonoverlap", ecfg)[T]
+    firsts = np.flatnonzero(np.r_[True, plan.block[1:] != plan.block[:-1]])[:4]
+    want = []
+    for i in firsts:
+        seen = []
+        tokens = jnp.asarray(val[plan.starts[i]:plan.starts[i] + T][None], jnp.int32)
+        model.hidden(tokens, impl="dense", observe=lambda layer, q, k, seen=seen, **_: seen.append(
+            np.asarray(attention_weights(q, k, bias=None, q_pos=jnp.arange(T),
+                                         k_pos=jnp.arange(T), scale=q.shape[-1] ** -0.5))))
+        per = [[np.mean([p[0, h, i_, :i_ - L + 1].sum() for i_ in range(L, T)])
+                for h in range(2)] for p in seen]
+        want.append(per)
+    want = np.asarray(want)
+    np.testing.assert_allclose(entry["per_layer_head"], want.mean(0), atol=1e-5)
+    assert entry["mean"] == pytest.approx(want.mean(), abs=1e-6)
+    assert 0 < entry["mean"] < 1 and entry["ci"][0] <= entry["mean"] <= entry["ci"][1]
+
+
 def test_table_coverage_counts_pairs_per_offset_and_untrained_buckets():
     cfg = ModelConfig(vocab_size=50, d_model=16, num_heads=2, num_layers=1)
     m = TransformerLM(cfg, "offset", {"size": 16}, rngs=nnx.Rngs(0))
@@ -165,3 +221,18 @@ def test_plot_merges_a_reevaluation_of_the_same_run_and_separates_other_labels(t
     runs = {r["label"]: r for r in plots.collect([str(tmp_path)])}
     assert sorted(runs) == ["alibi", "rope (interpolation=4)"]
     assert [e["length"] for e in runs["alibi"]["eval"]] == [16, 64]
+
+
+def test_diagnostics_table_reports_far_mass_over_seeds_and_breakpoints():
+    def run(seed, mass, brk):
+        return {"label": "offset", "bias": "offset", "seed": seed, "train_length": 8,
+                "attention_far_mass": [{"length": 32, "mean": mass}],
+                "eval": [{"mode": "nonoverlap", "length": 8},
+                         {"mode": "nonoverlap", "length": 32, "breakpoint": brk}]}
+
+    table = plots.diagnostics_table([run(0, 0.1, 8), run(1, 0.3, None)])
+    m, lo, hi = plots.seed_interval([0.1, 0.3])
+    assert f"| offset | {m:.3f} [{lo:.3f}, {hi:.3f}] | 8, – |" in table
+    assert "mass at 32" in table and "offsets >= 8" in table
+    assert plots.diagnostics_table([{**run(0, 0, None), "attention_far_mass": [],
+                                     "eval": []}]) == ""

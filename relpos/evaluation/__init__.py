@@ -1,5 +1,7 @@
-"""Extrapolation evaluation: perplexity protocols and the bias profile of a trained model."""
+"""Extrapolation evaluation: perplexity protocols, the attention mass beyond the training
+length, and the bias profile of a trained model."""
 
+from relpos.evaluation.attention import attention_far_mass
 from relpos.evaluation.profile import bias_profile, save_bias_profile, table_coverage
 from relpos.evaluation.protocols import (
     MODES,
@@ -15,7 +17,7 @@ from relpos.evaluation.protocols import (
     window_plan,
 )
 
-__all__ = ["MODES", "bias_profile", "check_eval_config", "check_lengths_fit",
+__all__ = ["MODES", "attention_far_mass", "bias_profile", "check_eval_config", "check_lengths_fit",
            "check_positions_reach", "eval_lengths", "evaluate", "make_nll_fn",
            "quick_val_loss", "ratio_ci", "save_bias_profile", "table_coverage", "target_blocks",
            "window_plan"]

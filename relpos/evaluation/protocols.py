@@ -58,6 +58,9 @@ def check_eval_config(ecfg) -> None:
     for key in ("tokens", "batch_tokens", "loss_chunk"):
         if getattr(ecfg, key) < 1:
             raise RelposError(f"eval.{key} must be >= 1, got {getattr(ecfg, key)}")
+    if getattr(ecfg, "attention_windows", 0) < 0:
+        raise RelposError("eval.attention_windows must be >= 0 (0: no attention-mass "
+                          f"diagnostic), got {ecfg.attention_windows}")
     if ecfg.stride < 0:
         raise RelposError(f"eval.stride must be >= 0 (0: half the window), got {ecfg.stride}")
 

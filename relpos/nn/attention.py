@@ -206,6 +206,17 @@ def dense_attention(q, k, v, *, bias, q_pos, k_pos, scale, bias_inside_scale=Fal
     return jnp.swapaxes(out, 1, 2).astype(q.dtype)
 
 
+def attention_weights(q, k, *, bias, q_pos, k_pos, scale, bias_inside_scale=False):
+    """The dense causal attention probabilities ``[B, H, Tq, Tk]`` fp32 (what
+    :func:`dense_attention` multiplies the values by), for diagnostics such as the
+    attention mass on keys beyond the training length. Quadratic memory."""
+    tq, tk = q.shape[1], k.shape[1]
+    mask = _causal_mask(jnp.arange(tq) + tk - tq, jnp.arange(tk))
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    s = _add_bias(s, evaluate_bias(bias, q_pos, k_pos), scale, bias_inside_scale)
+    return jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1)
+
+
 def _pad_to(x: jax.Array, axis: int, multiple: int, mode: str = "constant"):
     n = x.shape[axis]
     pad = (-n) % multiple

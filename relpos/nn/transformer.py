@@ -9,6 +9,7 @@ KERPLE); ``share_position=False`` gives every layer its own bias module.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -77,7 +78,7 @@ class Block(nnx.Module):
         self.fc1 = Linear(d, cfg.mlp_ratio * d, dtype=dt, rngs=rngs)
         self.fc2 = Linear(cfg.mlp_ratio * d, d, dtype=dt, rngs=rngs, kernel_init=resid_init)
 
-    def __call__(self, x, *, positions, bias, rotate, attn_kw):
+    def __call__(self, x, *, positions, bias, rotate, attn_kw, observe=None):
         b, t, _ = x.shape
         # jnp.split (backward: one concatenate) rather than indexing a [B, T, 3, H, d]
         # reshape (backward: three zero-padded copies summed): 0.92x step time for `none`.
@@ -85,6 +86,9 @@ class Block(nnx.Module):
                    for z in jnp.split(self.qkv(self.ln1(x)), 3, axis=-1))
         if rotate is not None:
             q, k = rotate(q, k, positions, positions)
+        if observe is not None:  # diagnostics: see what this layer's attention sees
+            observe(q=q, k=k, bias=bias, positions=positions,
+                    bias_inside_scale=attn_kw["bias_inside_scale"])
         a = causal_attention(q, k, v, q_pos=positions, k_pos=positions, bias=bias, **attn_kw)
         x = x + self.out(a.reshape(b, t, -1))
         return x + self.fc2(jax.nn.gelu(self.fc1(self.ln2(x))))
@@ -121,9 +125,11 @@ class TransformerLM(nnx.Module):
         return self.layer_positions[i - 1]
 
     def hidden(self, tokens: jax.Array, positions: jax.Array | None = None, *,
-               impl: str | None = None) -> jax.Array:
+               impl: str | None = None, observe=None) -> jax.Array:
         """Final-norm hidden states ``[B, T, D]`` (the LM head is applied separately so
-        that long evaluation can compute the loss in chunks)."""
+        that long evaluation can compute the loss in chunks). ``observe(layer, q=, k=,
+        bias=, positions=, bias_inside_scale=)``, if given, is called in every layer with
+        its (rotated) queries and keys and its bias, before attention (diagnostics)."""
         cfg = self.cfg
         t = tokens.shape[1]
         if positions is None:
@@ -145,7 +151,8 @@ class TransformerLM(nnx.Module):
                 if shared_bias is None or len(self.layer_positions):
                     shared_bias = evaluate_bias(bias, positions, positions)
                 bias = shared_bias
-            x = block(x, positions=positions, bias=bias, rotate=rotate, attn_kw=attn_kw)
+            x = block(x, positions=positions, bias=bias, rotate=rotate, attn_kw=attn_kw,
+                      observe=None if observe is None else functools.partial(observe, i))
         return self.ln_f(x)
 
     def attention_impl(self, length: int, *, batched: bool = False,
