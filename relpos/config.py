@@ -120,6 +120,7 @@ class OptimSection:
     # bias (an offset or T5 table entry) can move; T5 itself trained far longer. The
     # scale multiplies the whole AdamW update, so decoupled weight decay on those
     # parameters (FIRE's MLP kernels; tables with decay_position_tables) scales too.
+    # configs/optim/adamw.yaml sets it per scheme: POSITION_LR_SCALE.
     position_lr_scale: float = 1.0
 
 
@@ -176,6 +177,31 @@ def resume_keys(schema=TrainConfig, prefix: str = "") -> list[str]:
     return keys
 
 
+# The default position learning-rate scale per scheme (others: 1), measured on the quick
+# setting (tiny LM, L = 64, 800 steps, lr 3e-3, seed 0; perplexity at 1x, nonoverlap,
+# 65,536 targets; experiments/extrapolation/README.md, "Training the tables"):
+#   offset: x1 6.83, x3 5.28, x10 4.90, x30 4.82  (largest row move 1.2 -> 4.4 -> 5.4 logits)
+#   t5:     x1 6.61, x3 5.18, x10 4.89, x30 4.84  (max_distance 128 here; 6.60 / 4.86 at L/2)
+#   fire:   x1 5.20, x10 5.11 at 1x but 6.37 -> 7.36 at 32x (an MLP, not a table; stays 1)
+#   learned_abs: x1 6.14, x10 7.37 (worse: an embedding table, not logits; stays 1)
+# A bias-table entry is a logit (|b| up to ~5), while Adam moves any parameter by ~lr per
+# step (800 steps x 3e-3 sum to ~1.3 with the schedule): at x1 the tables cannot reach
+# the values they want. T5's own code path multiplies nothing; the KERPLE reference code
+# multiplies its T5 bias by sqrt(head_dim), the same effect under Adam as this scale.
+POSITION_LR_SCALE = {"offset": 10.0, "t5": 10.0}
+
+
+def position_lr_scale(name: str) -> float:
+    """The default ``optim.position_lr_scale`` of scheme ``name`` (see POSITION_LR_SCALE)."""
+    return POSITION_LR_SCALE.get(str(name), 1.0)
+
+
+def t5_max_distance(train_length: int, num_buckets: int) -> int:
+    """T5's default max_distance: half the training length, at least one more than the
+    exact buckets (configs/bias/t5.yaml says why)."""
+    return max(int(train_length) // 2, int(num_buckets) // 2 + 1)
+
+
 def scheme_slug(name: str) -> str:
     """A scheme name fit for a folder name: an import path's last part
     (``my_pkg.biases:GaussianBias`` -> ``GaussianBias``)."""
@@ -185,6 +211,10 @@ def scheme_slug(name: str) -> str:
 def register_schemas() -> None:
     if not OmegaConf.has_resolver("relpos.scheme_slug"):
         OmegaConf.register_new_resolver("relpos.scheme_slug", scheme_slug)
+    if not OmegaConf.has_resolver("relpos.position_lr_scale"):
+        OmegaConf.register_new_resolver("relpos.position_lr_scale", position_lr_scale)
+    if not OmegaConf.has_resolver("relpos.t5_max_distance"):
+        OmegaConf.register_new_resolver("relpos.t5_max_distance", t5_max_distance)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="eval_schema", node=EvalConfig)

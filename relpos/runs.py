@@ -29,6 +29,7 @@ from relpos.config import (
     check_choices,
     load_saved_config,
     model_config,
+    position_lr_scale,
     plain,
     resume_keys,
 )
@@ -116,9 +117,10 @@ def steps_per_call(t, backend: str | None = None) -> int:
 
 def default_label(scheme: str, optim) -> str:
     """A run's label in plots when ``label`` is unset: the scheme, plus the position
-    learning-rate scale when it is not 1."""
+    learning-rate scale when it is not the scheme's default
+    (:func:`relpos.config.position_lr_scale`)."""
     k = optim.position_lr_scale
-    return scheme if k == 1 else f"{scheme} (position lr x{k:g})"
+    return scheme if k == position_lr_scale(scheme) else f"{scheme} (position lr x{k:g})"
 
 
 def check_resume_compatible(run_dir: Path, cfg) -> None:
@@ -280,7 +282,8 @@ def _train(cfg, run_dir: Path, closing: contextlib.ExitStack) -> dict[str, Any]:
     }
     model = nnx.merge(graphdef, state.params)
     results["position_coverage"] = evaluation.table_coverage(
-        model, build_model(cfg, corpus.vocab_size), train_length=t.length, train_steps=t.steps)
+        model, build_model(cfg, corpus.vocab_size), train_length=t.length, train_steps=t.steps,
+        randomized=bool(t.randomized_positions))
     results["eval"] = evaluation.evaluate(model, corpus.val, train_length=t.length,
                                           ecfg=cfg.eval)
     results["attention_far_mass"] = evaluation.attention_far_mass(

@@ -148,7 +148,22 @@ def test_position_lr_scale_scales_only_the_position_schemes_updates(scheme, shar
         assert np.abs(np.asarray(a)).max() > 0
 
 
-def test_default_label_names_a_scaled_position_lr():
-    assert default_label("t5", OptimSection()) == "t5"
-    assert default_label("t5", OptimSection(position_lr_scale=10.0)) == "t5 (position lr x10)"
+def test_default_label_names_a_position_lr_other_than_the_schemes_default():
+    assert default_label("alibi", OptimSection()) == "alibi"
+    assert default_label("t5", OptimSection(position_lr_scale=10.0)) == "t5"
+    assert default_label("t5", OptimSection(position_lr_scale=1.0)) == "t5 (position lr x1)"
     assert default_label("fire", OptimSection(position_lr_scale=0.5)) == "fire (position lr x0.5)"
+
+
+@pytest.mark.parametrize("bias,length,lr_scale,max_distance", [
+    ("offset", 64, 10.0, None), ("t5", 64, 10.0, 32), ("t5", 32, 10.0, 17), ("t5", 256, 10.0, 128),
+    ("alibi", 64, 1.0, None), ("learned_abs", 64, 1.0, None), ("fire", 64, 1.0, None)])
+def test_measured_defaults_position_lr_and_t5_max_distance(bias, length, lr_scale, max_distance):
+    """The YAML defaults chosen from measurements (configs/optim/adamw.yaml,
+    configs/bias/t5.yaml), and a user's override winning over them."""
+    cfg = compose_train([f"bias={bias}", f"train.length={length}"])
+    assert cfg.optim.position_lr_scale == lr_scale
+    if max_distance is not None:
+        assert cfg.bias.max_distance == max_distance
+    cfg = compose_train([f"bias={bias}", "optim.position_lr_scale=3"])
+    assert cfg.optim.position_lr_scale == 3.0

@@ -49,7 +49,8 @@ def save_bias_profile(model, path, *, train_length: int, max_length: int) -> dic
     return prof
 
 
-def table_coverage(model, initial, *, train_length: int, train_steps: int) -> list[dict]:
+def table_coverage(model, initial, *, train_length: int, train_steps: int,
+                   randomized: bool = False) -> list[dict]:
     """How well each learned position table was trained, row by row (a row: one offset,
     T5 bucket or absolute position).
 
@@ -59,7 +60,9 @@ def table_coverage(model, initial, *, train_length: int, train_steps: int) -> li
     ``pairs_per_window > 0``, with the fixed training positions); ``moved``: the mean over
     heads (or embedding dims) of ``|final - initial|``, to compare with the learning rate
     summed over the schedule (Adam moves a parameter by about lr per step).
-    ``initial``: the same model before training (same seed)."""
+    ``initial``: the same model before training (same seed). With ``randomized``
+    training positions the counts of a fixed window do not apply: ``pairs_per_window``
+    and ``updates`` are None (``moved`` still says which rows trained)."""
     out = []
     pairs_of_schemes = [("position", model.position, initial.position)] + [
         (f"layer_positions[{i}]", s, s0)
@@ -83,8 +86,8 @@ def table_coverage(model, initial, *, train_length: int, train_steps: int) -> li
                 "param": ".".join([name] + [str(getattr(k, "key", k)) for k in path
                                             if getattr(k, "key", None) != "value"]),
                 "rows": int(table.shape[axis]),
-                "pairs_per_window": np.round(pairs, 3).tolist(),
-                "updates": [train_steps if p > 0 else 0 for p in pairs],
+                "pairs_per_window": None if randomized else np.round(pairs, 3).tolist(),
+                "updates": None if randomized else [train_steps if p > 0 else 0 for p in pairs],
                 "moved": np.round(np.abs(table - table0).mean(other), 6).tolist(),
             })
     return out
