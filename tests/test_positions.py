@@ -25,7 +25,8 @@ from relpos.positions.rotary import rope_frequencies
 from relpos.positions.t5 import t5_bucket
 
 NAMES = {"none", "sinusoidal", "learned_abs", "offset", "t5", "alibi", "kerple_power",
-         "kerple_log", "sandwich", "fire", "rope", "xpos"}
+         "kerple_log", "sandwich", "fire", "rope", "xpos",
+         "cope", "dape", "fox", "stickbreaking", "ssmax", "hard_alibi", "yarn"}
 BIAS_NAMES = ["offset", "t5", "alibi", "kerple_power", "kerple_log", "sandwich", "fire"]
 RTOL, ATOL = 1e-5, 1e-6
 

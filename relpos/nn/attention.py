@@ -20,6 +20,7 @@ Where the bias goes: the papers' convention ``q.k * scale + b``
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable
@@ -28,13 +29,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from relpos.positions.base import SCORE_HOOKS, ScoreBlock
+
 Bias = jax.Array | Callable[[jax.Array, jax.Array], jax.Array] | None
 IMPLS = ("auto", "dense", "blockwise", "cudnn")
 
 
 def choose_impl(impl: str, *, length: int, dtype, dense_max_len: int,
                 learned_bias: bool = False, batched_bias: bool = False,
-                head_dim: int = 64) -> str:
+                head_dim: int = 64, score_hooks: bool = False) -> str:
     """Resolve ``auto``: blockwise beyond ``dense_max_len`` keys (dense memory is
     quadratic in length); otherwise cuDNN on GPU for half precision, dense elsewhere.
 
@@ -44,7 +47,9 @@ def choose_impl(impl: str, *, length: int, dtype, dense_max_len: int,
     :func:`cudnn_bias_grad_ok` (a check run once per process on a small case, for a
     bias shared by the batch or one per example as ``batched_bias`` says, at the model's
     ``head_dim``) finds the gradient equal to the dense path's; otherwise dense (with a
-    warning). ``impl="cudnn"`` skips the check.
+    warning). ``impl="cudnn"`` skips the check. A scheme with score hooks
+    (``score_hooks``: token bias, logit scale, logit modifier, normaliser) cannot be
+    expressed as one dense bias, so ``auto`` never gives it cuDNN.
     """
     if impl not in IMPLS:
         raise ValueError(f"attention impl must be one of {', '.join(IMPLS)}; got {impl!r}")
@@ -53,6 +58,7 @@ def choose_impl(impl: str, *, length: int, dtype, dense_max_len: int,
     if length > dense_max_len:
         return "blockwise"
     if (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+            and not score_hooks
             and (not learned_bias or cudnn_bias_grad_ok(batched_bias, head_dim))):
         return "cudnn"
     return "dense"
@@ -166,8 +172,124 @@ def _add_batch_shared_jvp(primals, tangents):
     return out, (dx + db).astype(out.dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class ScoreHooks:
+    """One layer's score hooks (contract in :mod:`relpos.positions.base`), the layer index
+    already bound: what :func:`causal_attention` evaluates on every tile of scores.
+
+    Attributes:
+      token_bias: ``c [B, Tk, H]`` float32 for the keys (queries are the last ``Tq``), so
+        that logit ``(i, j) += c_i - c_j``; or None.
+      logit_scale: ``(q_pos, n) -> [H, Tq] | [B, H, Tq]`` or None.
+      modify_logits: ``(blk, carry) -> (logits, carry)`` or None.
+      normalize: ``(blk, carry) -> (log_weights, carry)`` or None (softmax).
+      owner: the scheme's name, for error messages.
+    """
+
+    token_bias: jax.Array | None = None
+    logit_scale: Callable | None = None
+    modify_logits: Callable | None = None
+    normalize: Callable | None = None
+    owner: str = "?"
+
+    def names(self) -> list[str]:
+        return [n for n in SCORE_HOOKS if getattr(self, n) is not None]
+
+
+NO_HOOKS = ScoreHooks()
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerScores:
+    """A layer's position bias and score hooks together. The model hands it to
+    ``observe`` as ``bias`` for a scheme with score hooks, so that
+    :func:`attention_weights` computes that layer's true weights (a stick-breaking
+    normaliser is not a softmax); called as ``bias(q_pos, k_pos)`` it is the position
+    bias alone (zeros if there is none)."""
+
+    bias: Bias
+    hooks: ScoreHooks
+
+    def __call__(self, q_pos, k_pos):
+        b = evaluate_bias(self.bias, q_pos, k_pos)
+        return jnp.zeros((1, len(q_pos), len(k_pos)), jnp.float32) if b is None else b
+
+
+def _tile(q_blk, k_blk, *, bias_blk, q_pos, k_pos, q_idx, k_idx, tk, scale, inside,
+          hooks: ScoreHooks, c_q, c_k, carry):
+    """Masked logits ``[B, H, bq, bk]`` of one tile with every score hook applied, the
+    log-weights of a normaliser (None for softmax) and the hooks' new carry
+    ``(modify_logits', normalize')``. ``c_q [B, bq, H]``, ``c_k [B, bk, H]``: token bias."""
+    raw = jnp.einsum("bqhd,bkhd->bhqk", q_blk, k_blk, preferred_element_type=jnp.float32)
+    logits = _add_bias(raw, bias_blk, scale, inside)
+    if c_q is not None:
+        logits = logits + (jnp.swapaxes(c_q, 1, 2)[..., :, None]
+                           - jnp.swapaxes(c_k, 1, 2)[..., None, :])
+    mask = _causal_mask(q_idx, k_idx) & (k_idx < tk)[None, :]
+    blk = ScoreBlock(q_blk, k_blk, raw, logits, q_pos, k_pos, q_idx, k_idx, mask, scale)
+    carry_m, carry_n = carry
+    if hooks.modify_logits is not None:
+        logits, carry_m = hooks.modify_logits(blk, carry_m)
+    if hooks.logit_scale is not None:
+        f = hooks.logit_scale(q_pos, (q_idx + 1).astype(jnp.int32)).astype(jnp.float32)
+        logits = logits * (f[None] if f.ndim == 2 else f)[..., None]
+    logits = jnp.where(mask, logits, -jnp.inf)
+    log_w = None
+    if hooks.normalize is not None:
+        log_w, carry_n = hooks.normalize(dataclasses.replace(blk, logits=logits), carry_n)
+        log_w = jnp.where(mask, log_w, -jnp.inf)
+    return logits, log_w, (carry_m, carry_n)
+
+
+def _weights(logits, log_w):
+    """Attention weights of one dense tile: softmax, or a normaliser's ``exp(log_w)``."""
+    return jax.nn.softmax(logits, axis=-1) if log_w is None else jnp.exp(log_w)
+
+
+def _hooked_dense(q, k, v, *, bias, q_pos, k_pos, scale, bias_inside_scale, hooks,
+                  query_block: int, max_query_blocks: int | None, weights_only=False):
+    """Dense path for a layer with score hooks: per causal query block (as
+    :func:`dense_attention`), one tile over all its keys, ``carry=None``."""
+    b_, tq, h, d = q.shape
+    tk = k.shape[1]
+    offset = tk - tq
+    bias_full = evaluate_bias(bias, q_pos, k_pos)
+    c = hooks.token_bias
+    if max_query_blocks is None:
+        max_query_blocks = 8 if jax.default_backend() == "cpu" else 1
+    blocks = 1 if weights_only else max(1, min(max_query_blocks, tq // max(query_block, 1)))
+    size = -(-tq // blocks)
+    outs = []
+    for start in range(0, tq, size):
+        stop = min(start + size, tq)
+        keys = stop + offset
+        bb = None if bias_full is None else bias_full[..., start:stop, :keys]
+        logits, log_w, _ = _tile(
+            q[:, start:stop], k[:, :keys], bias_blk=bb, q_pos=q_pos[..., start:stop],
+            k_pos=k_pos[..., :keys], q_idx=jnp.arange(start, stop) + offset,
+            k_idx=jnp.arange(keys), tk=tk, scale=scale, inside=bias_inside_scale, hooks=hooks,
+            c_q=None if c is None else c[:, offset + start:offset + stop],
+            c_k=None if c is None else c[:, :keys], carry=(None, None))
+        w = _weights(logits, log_w)
+        if weights_only:
+            if log_w is not None:  # the remainder sits on the query's own key
+                rest = 1.0 - w.sum(-1)
+                eye = jnp.arange(keys)[None, :] == (jnp.arange(start, stop) + offset)[:, None]
+                w = w + rest[..., None] * eye
+            return jnp.pad(w, [(0, 0)] * 3 + [(0, tk - keys)])
+        out = jnp.einsum("bhqk,bkhd->bqhd", w.astype(v.dtype), v[:, :keys],
+                         preferred_element_type=jnp.float32)
+        if log_w is not None:
+            rest = jnp.swapaxes(1.0 - w.sum(-1), 1, 2)  # [B, bq, H]
+            out = out + rest[..., None] * v[:, offset + start:offset + stop].astype(jnp.float32)
+        outs.append(out)
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+    return out.astype(q.dtype)
+
+
 def dense_attention(q, k, v, *, bias, q_pos, k_pos, scale, bias_inside_scale=False,
-                    query_block: int = 64, max_query_blocks: int | None = None):
+                    query_block: int = 64, max_query_blocks: int | None = None,
+                    hooks: ScoreHooks | None = None):
     """Reference path. q: [B, Tq, H, d]; k, v: [B, Tk, H, d] -> [B, Tq, H, d].
 
     Queries are processed in up to ``max_query_blocks`` static blocks (of at least
@@ -176,7 +298,12 @@ def dense_attention(q, k, v, *, bias, q_pos, k_pos, scale, bias_inside_scale=Fal
     work for n blocks (0.62 at T = 256) and 0.68x the attention time of one unblocked
     softmax on CPU (benchmarks/README.md). Every block is an exact dense softmax.
     ``max_query_blocks=None``: 8 on CPU, 1 elsewhere (on GPU the extra kernels have not
-    been measured against the saved work yet)."""
+    been measured against the saved work yet). With score ``hooks`` the same blocks go
+    through :func:`_tile` (the hooks need the unmasked logits)."""
+    if hooks is not None and hooks.names():
+        return _hooked_dense(q, k, v, bias=bias, q_pos=q_pos, k_pos=k_pos, scale=scale,
+                             bias_inside_scale=bias_inside_scale, hooks=hooks,
+                             query_block=query_block, max_query_blocks=max_query_blocks)
     tq, tk = q.shape[1], k.shape[1]
     offset = tk - tq
     # The causal mask and the bias fold into one additive [.., Tq, Tk] term, and the
@@ -207,9 +334,18 @@ def dense_attention(q, k, v, *, bias, q_pos, k_pos, scale, bias_inside_scale=Fal
 
 
 def attention_weights(q, k, *, bias, q_pos, k_pos, scale, bias_inside_scale=False):
-    """The dense causal attention probabilities ``[B, H, Tq, Tk]`` fp32 (what
+    """The dense causal attention weights ``[B, H, Tq, Tk]`` fp32 (what
     :func:`dense_attention` multiplies the values by), for diagnostics such as the
-    attention mass on keys beyond the training length. Quadratic memory."""
+    attention mass on keys beyond the training length. ``bias`` may be a
+    :class:`LayerScores` (a layer with score hooks): then the hooks apply, and a
+    normaliser's remainder is placed on the query's own key so that rows sum to one.
+    Quadratic memory."""
+    q_pos, k_pos = jnp.asarray(q_pos), jnp.asarray(k_pos)
+    if isinstance(bias, LayerScores):
+        return _hooked_dense(q, k, None, bias=bias.bias, q_pos=q_pos, k_pos=k_pos,
+                             scale=scale, bias_inside_scale=bias_inside_scale,
+                             hooks=bias.hooks, query_block=1, max_query_blocks=1,
+                             weights_only=True)
     tq, tk = q.shape[1], k.shape[1]
     mask = _causal_mask(jnp.arange(tq) + tk - tq, jnp.arange(tk))
     s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
@@ -228,14 +364,23 @@ def _pad_to(x: jax.Array, axis: int, multiple: int, mode: str = "constant"):
 
 
 def blockwise_attention(q, k, v, *, bias, q_pos, k_pos, scale, bias_inside_scale=False,
-                        block_q: int = 512, block_k: int = 512):
+                        block_q: int = 512, block_k: int = 512,
+                        hooks: ScoreHooks | None = None):
     """Online-softmax attention over key blocks; never materialises ``[Tq, Tk]``.
 
     The bias callable is evaluated per (query block, key block) from the blocks'
     positions, so an offset table, T5 buckets or a FIRE MLP cost memory linear in
     length. A dense bias array is sliced per block instead. Key blocks wholly in the
     causal future of a query block are skipped (``lax.cond`` runs one branch).
+
+    Key blocks are visited from the last to the first (the online softmax does not
+    depend on the order), so a score hook's carry holds its sums over the keys to the
+    right of the current block: CoPE's ``sum_{t=j..i} g_it`` and stick-breaking's
+    ``sum_{j<k<=i} log(1 - sigmoid(z_ik))`` cross block boundaries in ``[B, H, block_q]``
+    carries. A normaliser's weights are accumulated unnormalised (no running max: its
+    log-weights are <= 0 by contract of a partition of the unit mass).
     """
+    hooks = NO_HOOKS if hooks is None else hooks
     b, tq, h, d = q.shape
     tk = k.shape[1]
     offset = tk - tq
@@ -251,6 +396,11 @@ def blockwise_attention(q, k, v, *, bias, q_pos, k_pos, scale, bias_inside_scale
     dense_bias = None if (bias is None or callable(bias)) else jnp.asarray(bias, jnp.float32)
     if dense_bias is not None:
         dense_bias = _pad_to(_pad_to(dense_bias, dense_bias.ndim - 2, block_q), -1, block_k)
+    c = hooks.token_bias
+    if c is not None:
+        c = jnp.asarray(c, jnp.float32)
+        c_qp = _pad_to(c[:, offset:], 1, block_q, mode="edge")
+        c_kp = _pad_to(c, 1, block_k, mode="edge")
 
     def block_bias(qi, kj):
         if bias is None:
@@ -263,20 +413,34 @@ def blockwise_attention(q, k, v, *, bias, q_pos, k_pos, scale, bias_inside_scale
         kpos = jax.lax.dynamic_slice_in_dim(k_pos_p, kj * block_k, block_k, axis=-1)
         return evaluate_bias(bias, qpos, kpos)
 
-    def one_query_block(qi):
+    def tile(qi, kj, carry):
         q_blk = jax.lax.dynamic_slice_in_dim(qp, qi * block_q, block_q, axis=1)
-        q_idx = qi * block_q + jnp.arange(block_q) + offset
+        k_blk = jax.lax.dynamic_slice_in_dim(kp, kj * block_k, block_k, axis=1)
+        sl = lambda x, i, n: jax.lax.dynamic_slice_in_dim(x, i * n, n, axis=1)
+        return _tile(
+            q_blk, k_blk, bias_blk=block_bias(qi, kj),
+            q_pos=jax.lax.dynamic_slice_in_dim(q_pos_p, qi * block_q, block_q, axis=-1),
+            k_pos=jax.lax.dynamic_slice_in_dim(k_pos_p, kj * block_k, block_k, axis=-1),
+            q_idx=qi * block_q + jnp.arange(block_q) + offset,
+            k_idx=kj * block_k + jnp.arange(block_k), tk=tk, scale=scale,
+            inside=bias_inside_scale, hooks=hooks,
+            c_q=None if c is None else sl(c_qp, qi, block_q),
+            c_k=None if c is None else sl(c_kp, kj, block_k), carry=carry)
+
+    normalize = hooks.normalize is not None
+
+    def one_query_block(qi):
         last_q = jnp.minimum(qi * block_q + block_q - 1, tq - 1) + offset
 
         def attend(carry, kj):
-            m_prev, l_prev, acc = carry
-            k_blk = jax.lax.dynamic_slice_in_dim(kp, kj * block_k, block_k, axis=1)
+            m_prev, l_prev, acc, hook_carry = carry
             v_blk = jax.lax.dynamic_slice_in_dim(vp, kj * block_k, block_k, axis=1)
-            k_idx = kj * block_k + jnp.arange(block_k)
-            s = jnp.einsum("bqhd,bkhd->bhqk", q_blk, k_blk, preferred_element_type=jnp.float32)
-            s = _add_bias(s, block_bias(qi, kj), scale, bias_inside_scale)
-            mask = _causal_mask(q_idx, k_idx) & (k_idx < tk)[None, :]
-            s = jnp.where(mask, s, -jnp.inf)
+            s, log_w, hook_carry = tile(qi, kj, hook_carry)
+            if normalize:
+                p = jnp.exp(log_w)
+                pv = jnp.einsum("bhqk,bkhd->bhqd", p.astype(v.dtype), v_blk,
+                                preferred_element_type=jnp.float32)
+                return m_prev, l_prev + p.sum(axis=-1), acc + pv, hook_carry
             m_new = jnp.maximum(m_prev, s.max(axis=-1))
             m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
             p = jnp.exp(s - m_safe[..., None])
@@ -284,22 +448,29 @@ def blockwise_attention(q, k, v, *, bias, q_pos, k_pos, scale, bias_inside_scale
             l_new = l_prev * corr + p.sum(axis=-1)
             pv = jnp.einsum("bhqk,bkhd->bhqd", p.astype(v.dtype), v_blk,
                             preferred_element_type=jnp.float32)
-            return m_new, l_new, acc * corr[..., None] + pv
+            return m_new, l_new, acc * corr[..., None] + pv, hook_carry
 
         def step(carry, kj):
             needed = kj * block_k <= last_q
             return jax.lax.cond(needed, attend, lambda c, _: c, carry, kj), None
 
+        # the hooks' carry: zeros of what they return for one tile (None: no carry)
+        shapes = jax.eval_shape(lambda: tile(qi, 0, (None, None))[2])
+        hook_init = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
         init = (jnp.full((b, h, block_q), -jnp.inf, jnp.float32),
                 jnp.zeros((b, h, block_q), jnp.float32),
-                jnp.zeros((b, h, block_q, d), jnp.float32))
-        (_, l, acc), _ = jax.lax.scan(step, init, jnp.arange(nk))
-        out = acc / jnp.where(l == 0, 1.0, l)[..., None]
-        return jnp.transpose(out, (0, 2, 1, 3))  # [B, block_q, H, d]
+                jnp.zeros((b, h, block_q, d), jnp.float32), hook_init)
+        (_, l, acc, _), _ = jax.lax.scan(step, init, jnp.arange(nk), reverse=True)
+        out = acc if normalize else acc / jnp.where(l == 0, 1.0, l)[..., None]
+        # [B, block_q, H, d] and [B, block_q, H]
+        return jnp.transpose(out, (0, 2, 1, 3)), jnp.transpose(l, (0, 2, 1))
 
-    out = jax.lax.map(one_query_block, jnp.arange(nq))  # [nq, B, block_q, H, d]
-    out = jnp.transpose(out, (1, 0, 2, 3, 4)).reshape(b, nq * block_q, h, d)
-    return out[:, :tq].astype(q.dtype)
+    out, l = jax.lax.map(one_query_block, jnp.arange(nq))  # [nq, B, block_q, H, (d)]
+    out = jnp.transpose(out, (1, 0, 2, 3, 4)).reshape(b, nq * block_q, h, d)[:, :tq]
+    if normalize:  # the remainder of the unit mass goes to the query's own value
+        l = jnp.transpose(l, (1, 0, 2, 3)).reshape(b, nq * block_q, h)[:, :tq]
+        out = out + (1.0 - l)[..., None] * v[:, offset:].astype(jnp.float32)
+    return out.astype(q.dtype)
 
 
 def cudnn_attention(q, k, v, *, bias, q_pos, k_pos, scale, bias_inside_scale=False):
@@ -317,7 +488,8 @@ def cudnn_attention(q, k, v, *, bias, q_pos, k_pos, scale, bias_inside_scale=Fal
 
 def causal_attention(q, k, v, *, q_pos, k_pos, bias: Bias = None, scale: float | None = None,
                      bias_inside_scale: bool = False, impl: str = "auto",
-                     block_size: int = 512, dense_max_len: int = 2048):
+                     block_size: int = 512, dense_max_len: int = 2048,
+                     hooks: ScoreHooks | None = None):
     """Causal attention with an additive position bias.
 
     Args:
@@ -329,6 +501,8 @@ def causal_attention(q, k, v, *, q_pos, k_pos, bias: Bias = None, scale: float |
       impl: ``auto | dense | blockwise | cudnn`` (see :func:`choose_impl`; under ``auto``
         any bias is treated as learned, so cuDNN is used for it only after its bias
         gradient passed :func:`cudnn_bias_grad_ok`).
+      hooks: a layer's :class:`ScoreHooks` (dense and blockwise only; ``auto`` never
+        picks cuDNN for them, and ``impl="cudnn"`` refuses them).
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
@@ -338,11 +512,16 @@ def causal_attention(q, k, v, *, q_pos, k_pos, bias: Bias = None, scale: float |
     impl = choose_impl(impl, length=k.shape[1], dtype=q.dtype, dense_max_len=dense_max_len,
                        learned_bias=bias is not None,
                        batched_bias=jnp.ndim(q_pos) == 2 or jnp.ndim(k_pos) == 2,
-                       head_dim=q.shape[-1])
+                       head_dim=q.shape[-1], score_hooks=bool(hooks and hooks.names()))
+    if impl == "cudnn" and hooks is not None and hooks.names():
+        raise ValueError(f"attention impl 'cudnn' cannot evaluate the {', '.join(hooks.names())} "
+                         f"hook of position scheme {hooks.owner!r}; use impl dense or "
+                         f"blockwise (auto picks one)")
     kw = dict(bias=bias, q_pos=jnp.asarray(q_pos), k_pos=jnp.asarray(k_pos), scale=scale,
               bias_inside_scale=bias_inside_scale)
     if impl == "dense":
-        return dense_attention(q, k, v, **kw)
+        return dense_attention(q, k, v, hooks=hooks, **kw)
     if impl == "blockwise":
-        return blockwise_attention(q, k, v, block_q=block_size, block_k=block_size, **kw)
+        return blockwise_attention(q, k, v, block_q=block_size, block_k=block_size,
+                                   hooks=hooks, **kw)
     return cudnn_attention(q, k, v, **kw)

@@ -1,9 +1,11 @@
 """Decoder-only pre-LayerNorm transformer LM whose position scheme is a swappable part.
 
-The scheme's hooks are discovered once, at construction: ``embed`` (added to token
-embeddings), ``rotate`` (applied to q and k in every layer) and ``bias`` (additive
-attention-logit bias). One scheme is shared by all layers by default (as in T5 and
-KERPLE); ``share_position=False`` gives every layer its own bias module.
+The scheme's hooks are discovered by attribute: ``embed`` (added to token embeddings),
+``rotate`` (applied to q and k in every layer), and the per-layer hooks of
+:data:`relpos.positions.base.LAYER_HOOKS`: ``bias`` (additive attention-logit bias) and
+the score hooks ``token_bias``, ``logit_scale``, ``modify_logits``, ``normalize``, each
+called with the layer index. One scheme is shared by all layers by default (as in T5 and
+KERPLE); ``share_position=False`` gives every layer its own module for any per-layer hook.
 """
 
 from __future__ import annotations
@@ -19,7 +21,15 @@ from flax import nnx
 from relpos import positions
 from relpos.errors import RelposConfigError, check_choice, check_positive_int
 from relpos.layers import Linear, on_rows
-from relpos.nn.attention import IMPLS, causal_attention, choose_impl, evaluate_bias
+from relpos.nn.attention import (
+    IMPLS,
+    LayerScores,
+    ScoreHooks,
+    causal_attention,
+    choose_impl,
+    evaluate_bias,
+)
+from relpos.positions.base import LAYER_HOOKS, SCORE_HOOKS
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -62,6 +72,20 @@ def _has(obj, hook: str) -> bool:
     return callable(getattr(obj, hook, None))
 
 
+def score_hooks(scheme, layer: int, x: jax.Array, positions: jax.Array) -> ScoreHooks | None:
+    """The score hooks of ``scheme`` in layer ``layer`` (None if it has none), the layer
+    bound and the token bias evaluated from the attention input ``x [B, T, D]``."""
+    if not any(_has(scheme, h) for h in SCORE_HOOKS):
+        return None
+    bound = {h: functools.partial(getattr(scheme, h), layer=layer)
+             for h in ("logit_scale", "modify_logits", "normalize") if _has(scheme, h)}
+    c = None
+    if _has(scheme, "token_bias"):
+        c = scheme.token_bias(x, positions, layer=layer).astype(jnp.float32)  # [B, T, H]
+    return ScoreHooks(token_bias=c, owner=getattr(scheme, "name", "") or type(scheme).__name__,
+                      **bound)
+
+
 class Block(nnx.Module):
     """Pre-LN block: x + Attn(LN(x)); x + MLP(LN(x))."""
 
@@ -78,18 +102,22 @@ class Block(nnx.Module):
         self.fc1 = Linear(d, cfg.mlp_ratio * d, dtype=dt, rngs=rngs)
         self.fc2 = Linear(cfg.mlp_ratio * d, d, dtype=dt, rngs=rngs, kernel_init=resid_init)
 
-    def __call__(self, x, *, positions, bias, rotate, attn_kw, observe=None):
+    def __call__(self, x, *, positions, bias, rotate, attn_kw, observe=None, scheme=None,
+                 layer: int = 0):
         b, t, _ = x.shape
+        h = self.ln1(x)
         # jnp.split (backward: one concatenate) rather than indexing a [B, T, 3, H, d]
         # reshape (backward: three zero-padded copies summed): 0.92x step time for `none`.
         q, k, v = (z.reshape(b, t, self.num_heads, self.head_dim)  # [B, T, H, d]
-                   for z in jnp.split(self.qkv(self.ln1(x)), 3, axis=-1))
+                   for z in jnp.split(self.qkv(h), 3, axis=-1))
         if rotate is not None:
             q, k = rotate(q, k, positions, positions)
+        hooks = None if scheme is None else score_hooks(scheme, layer, h, positions)
         if observe is not None:  # diagnostics: see what this layer's attention sees
-            observe(q=q, k=k, bias=bias, positions=positions,
-                    bias_inside_scale=attn_kw["bias_inside_scale"])
-        a = causal_attention(q, k, v, q_pos=positions, k_pos=positions, bias=bias, **attn_kw)
+            observe(q=q, k=k, bias=bias if hooks is None else LayerScores(bias, hooks),
+                    positions=positions, bias_inside_scale=attn_kw["bias_inside_scale"])
+        a = causal_attention(q, k, v, q_pos=positions, k_pos=positions, bias=bias,
+                             hooks=hooks, **attn_kw)
         x = x + self.out(a.reshape(b, t, -1))
         return x + self.fc2(jax.nn.gelu(self.fc1(self.ln2(x))))
 
@@ -105,10 +133,11 @@ class TransformerLM(nnx.Module):
                                         head_dim=cfg.head_dim, rngs=rngs, **opts)
         self.position = build()
         self.position_name = position
-        has_bias = _has(self.position, "bias")
-        # Per-layer copies only make sense for biases; embeddings/rotations act once.
+        per_layer = any(_has(self.position, hook) for hook in LAYER_HOOKS)
+        # Per-layer copies only make sense for per-layer hooks (a bias, a score hook);
+        # embeddings and rotations act once.
         self.layer_positions = nnx.List(
-            [build() for _ in range(cfg.num_layers - 1)] if has_bias and not cfg.share_position
+            [build() for _ in range(cfg.num_layers - 1)] if per_layer and not cfg.share_position
             else []
         )
         dt = DTYPES[cfg.dtype]
@@ -129,7 +158,9 @@ class TransformerLM(nnx.Module):
         """Final-norm hidden states ``[B, T, D]`` (the LM head is applied separately so
         that long evaluation can compute the loss in chunks). ``observe(layer, q=, k=,
         bias=, positions=, bias_inside_scale=)``, if given, is called in every layer with
-        its (rotated) queries and keys and its bias, before attention (diagnostics)."""
+        its (rotated) queries and keys and its bias, before attention (diagnostics); for a
+        scheme with score hooks ``bias`` is a :class:`relpos.nn.attention.LayerScores`,
+        which :func:`relpos.nn.attention.attention_weights` evaluates with the hooks."""
         cfg = self.cfg
         t = tokens.shape[1]
         if positions is None:
@@ -152,7 +183,8 @@ class TransformerLM(nnx.Module):
                     shared_bias = evaluate_bias(bias, positions, positions)
                 bias = shared_bias
             x = block(x, positions=positions, bias=bias, rotate=rotate, attn_kw=attn_kw,
-                      observe=None if observe is None else functools.partial(observe, i))
+                      observe=None if observe is None else functools.partial(observe, i),
+                      scheme=scheme, layer=i)
         return self.ln_f(x)
 
     def attention_impl(self, length: int, *, batched: bool = False,
@@ -162,7 +194,8 @@ class TransformerLM(nnx.Module):
         cfg = self.cfg
         return choose_impl(impl or cfg.attn_impl, length=length, dtype=DTYPES[cfg.dtype],
                            dense_max_len=cfg.dense_max_len, learned_bias=self._learned_bias(),
-                           batched_bias=batched, head_dim=cfg.head_dim)
+                           batched_bias=batched, head_dim=cfg.head_dim,
+                           score_hooks=any(_has(self.position, h) for h in SCORE_HOOKS))
 
     def _learned_bias(self) -> bool:
         scheme = self.position

@@ -1,11 +1,37 @@
 """Base class and shared helpers for position schemes.
 
-A scheme implements any of three hooks:
+A scheme implements any of these hooks. Three act on positions alone:
 
 * ``embed(positions) -> [..., T, D]`` added to the token embeddings;
 * ``rotate(q, k, q_pos, k_pos) -> (q, k)`` applied to queries and keys
   (q, k: ``[B, T, H, d]``);
 * ``bias(q_pos, k_pos) -> [H, Tq, Tk]`` float32 additive attention-logit bias.
+
+Four read the content or change the softmax; each is called in every layer with that
+layer's index ``layer`` (a scheme shared by all layers can tell them apart):
+
+* ``token_bias(x, positions, layer) -> c [B, T, H]``: a separable per-token bias from the
+  layer's attention input ``x [B, T, D]`` (after its LayerNorm); logit ``(i, j) += c_i -
+  c_j``. Linear memory on every path (FoX).
+* ``logit_scale(q_pos, n, layer) -> [H, Tq]`` or ``[B, H, Tq]``: a multiplier of every
+  logit of query i, which attends to ``n_i`` keys (``n [Tq]`` int32, by index; SSMax).
+* ``modify_logits(blk, carry, layer) -> (logits, carry)``: any function of one block of
+  scores (a :class:`ScoreBlock`), returning the block's new logits ``[B, H, bq, bk]``.
+  ``carry`` is what the hook returned for the key blocks to the *right* of this one (later
+  keys, the same queries), ``None`` for the first block a query row sees; quantities
+  summed along the key axis from the query backwards (CoPE's gate sums) travel in it.
+  Blockwise attention visits key blocks from the last to the first, so that a sum over
+  keys j..i is the block's own reverse cumulative sum plus the carry; dense attention
+  makes one call per query block, with ``carry=None``.
+* ``normalize(blk, carry, layer) -> (log_weights, carry)``: replaces the softmax. Returns
+  the log attention weights of the block (``-inf`` where ``blk.mask`` is False), the same
+  reverse carry as above. The output is ``sum_j w_ij v_j + (1 - sum_j w_ij) v_i``: what
+  the weights leave of a unit mass goes to the query's own value (stick-breaking's
+  remainder; zero for weights that sum to one).
+
+Order within a block: ``raw * scale + bias (+ c_i - c_j)`` -> ``modify_logits`` ->
+``* logit_scale`` -> causal mask -> softmax or ``normalize``. A hook sees unmasked,
+finite values; it must ignore entries where ``blk.mask`` is False (future keys, padding).
 
 Positions are explicit integer vectors, never implied by array index, so the same
 code serves blockwise attention, sliding windows and randomized positions.
@@ -16,6 +42,8 @@ only documents intent.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 
 import jax
@@ -34,6 +62,49 @@ try:  # public alias; moved in some JAX versions
     from jax.core import Tracer as _Tracer
 except ImportError:  # pragma: no cover
     from jax._src.core import Tracer as _Tracer
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["q", "k", "raw", "logits", "q_pos", "k_pos", "q_idx", "k_idx",
+                                "mask"],
+                   meta_fields=["scale"])
+@dataclasses.dataclass(frozen=True)
+class ScoreBlock:
+    """One (query block, key block) tile of a layer's attention, as score hooks see it.
+
+    Attributes:
+      q: queries ``[B, bq, H, d]`` (rotated, if the scheme rotates); k: keys ``[B, bk, H, d]``.
+      raw: ``q . k`` ``[B, H, bq, bk]`` float32, unscaled.
+      logits: the logits so far, ``raw * scale`` plus bias and token bias, float32.
+      q_pos, k_pos: positions ``[bq]``/``[bk]`` or ``[B, bq]``/``[B, bk]``.
+      q_idx, k_idx: int32 indices ``[bq]``, ``[bk]`` of the tile's queries and keys along
+        the key axis (causality is by index: key j is visible to query i iff j <= i).
+      mask: ``[bq, bk]`` bool, True where key j is visible to query i (causal, in range).
+      scale: the logit scale (``1/sqrt(d)``).
+    """
+
+    q: jax.Array
+    k: jax.Array
+    raw: jax.Array
+    logits: jax.Array
+    q_pos: jax.Array
+    k_pos: jax.Array
+    q_idx: jax.Array
+    k_idx: jax.Array
+    mask: jax.Array
+    scale: float
+
+
+#: hooks called once per layer with the layer index (see the module docstring)
+LAYER_HOOKS = ("bias", "token_bias", "logit_scale", "modify_logits", "normalize")
+#: hooks that only dense and blockwise attention can evaluate
+SCORE_HOOKS = ("token_bias", "logit_scale", "modify_logits", "normalize")
+
+
+def reverse_cumsum(x: jax.Array, axis: int = -1) -> jax.Array:
+    """``y_j = sum_{k >= j} x_k`` along ``axis`` (a true reverse sum: no subtraction, so
+    its rounding error scales with the partial sums, not with the total)."""
+    return jnp.flip(jnp.cumsum(jnp.flip(x, axis), axis=axis), axis)
 
 
 class PositionTable(nnx.Param):

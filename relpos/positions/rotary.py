@@ -10,7 +10,24 @@
   Two evaluation-time extrapolation tricks are options: position interpolation
   (Chen et al., 2023, arXiv 2306.15595) divides positions by ``interpolation``;
   NTK-aware scaling (bloc97, 2023) replaces ``base`` by
-  ``base * ntk_factor^(d / (d - 2))``.
+  ``base * ntk_factor^(d / (d - 2))``; YaRN (below) is the third, ``yarn_factor``.
+* ``yarn`` (Peng et al., ICLR 2024, arXiv 2309.00071, "YaRN: Efficient Context Window
+  Extension of Large Language Models"; official code jquesnelle/yarn,
+  ``scaled_rope/LlamaYaRNScaledRotaryEmbedding.py``): RoPE whose frequencies are
+  interpolated per dimension for a context ``s`` times the original length ``L``. With
+  ``r_k = L / lambda_k`` rotations of dimension k over L (``lambda_k = 2 pi / theta_k``)
+  and the ramp ``gamma_k = clamp((k - low) / (high - low), 0, 1)`` between the dimensions
+  ``low``/``high`` that rotate ``beta = 32`` and ``alpha = 1`` times over L (floor and
+  ceil, as the official ``_yarn_find_correction_range``): ``theta'_k = (1 - m_k)
+  theta_k / s + m_k theta_k``, ``m_k = 1 - gamma_k``: fast dimensions are kept
+  (extrapolated), slow ones interpolated. Queries and keys are also multiplied by
+  ``sqrt(1/t) = 0.1 ln s + 1`` (the official scales its cos/sin caches by ``mscale``), so
+  logits gain the temperature ``1/t = (0.1 ln s + 1)^2``. ``s = 1`` is plain RoPE, so a
+  run trained with ``yarn`` (or ``rope``) is evaluated with YaRN by an override:
+  ``relpos-eval run_dir=... +bias_overrides.factor=4`` for a ``yarn`` run, and
+  ``+bias_overrides.name=yarn +bias_overrides.factor=4 +bias_overrides.original_length=L``
+  for a ``rope`` run (``yarn`` accepts rope's options; rope's own options are unchanged,
+  so rope runs keep their recorded ``bias_options``).
 * ``xpos`` (Sun et al., ACL 2023, arXiv 2212.10554, "A Length-Extrapolatable
   Transformer"; torchscale ``XPOS``): RoPE whose rotated queries are also scaled by
   ``zeta_k^((i - c) / scale_base)`` and keys by ``zeta_k^(-(j - c) / scale_base)``,
@@ -28,6 +45,8 @@ Angles and scales are computed in fp32 and the results cast back to ``q.dtype``.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +75,34 @@ def ntk_base(base: float, head_dim: int, factor: float) -> float:
     if factor == 1.0:
         return base
     return base * factor ** (head_dim / (head_dim - 2))
+
+
+def yarn_mscale(factor: float) -> float:
+    """``sqrt(1/t) = 0.1 ln s + 1`` for ``s > 1``, else 1 (official ``_yarn_get_mscale``)."""
+    return 1.0 if factor <= 1.0 else 0.1 * math.log(factor) + 1.0
+
+
+def yarn_frequencies(head_dim: int, base: float, factor: float, original_length: int,
+                     alpha: float = 1.0, beta: float = 32.0) -> tuple[float, ...]:
+    """YaRN's per-dimension frequencies ``theta'_k`` (see the module docstring), as
+    Python floats; ``factor <= 1`` gives RoPE's own."""
+    theta = rope_frequencies(head_dim, base)
+    if factor <= 1.0:
+        return theta
+
+    def dim_of(rotations: float) -> float:  # the dimension k that rotates this often over L
+        return (head_dim * math.log(original_length / (rotations * 2 * math.pi))
+                / (2 * math.log(base)))
+
+    low = max(math.floor(dim_of(beta)), 0)
+    high = min(math.ceil(dim_of(alpha)), head_dim - 1)
+    if low == high:
+        high += 0.001  # as the official: no zero-width ramp
+    out = []
+    for k, t in enumerate(theta):
+        keep = 1.0 - min(max((k - low) / (high - low), 0.0), 1.0)  # 1: extrapolate
+        out.append(t / factor * (1.0 - keep) + t * keep)
+    return tuple(out)
 
 
 def rope_angles(positions: jax.Array, frequencies, interpolation: float = 1.0) -> jax.Array:
@@ -161,6 +208,10 @@ class RoPE(PositionScheme):
     def __init__(self, *, num_heads: int, head_dim: int, rngs=None, base: float = 10000.0,
                  layout: str = "half", interpolation: float = 1.0, ntk_factor: float = 1.0):
         del num_heads, rngs
+        self._setup(head_dim, base, layout, interpolation, ntk_factor)
+
+    def _setup(self, head_dim, base, layout, interpolation, ntk_factor, yarn_factor=1.0,
+               original_length=2048):
         head_dim = _check_head_dim(head_dim)
         base = check_positive_float("base", base)
         self.layout = check_choice("layout", layout, ROTARY_LAYOUTS)
@@ -170,10 +221,40 @@ class RoPE(PositionScheme):
             raise RelposConfigError(
                 f"ntk_factor needs head_dim >= 4 (it uses d/(d-2)), got head_dim={head_dim}"
             )
-        self.frequencies = rope_frequencies(head_dim, ntk_base(base, head_dim, ntk_factor))
+        if yarn_factor != 1.0 and (ntk_factor != 1.0 or self.interpolation != 1.0):
+            raise RelposConfigError(
+                f"yarn factor={yarn_factor} replaces interpolation and ntk_factor: set those "
+                f"to 1 (got interpolation={interpolation}, ntk_factor={ntk_factor})")
+        self.frequencies = yarn_frequencies(head_dim, ntk_base(base, head_dim, ntk_factor),
+                                            yarn_factor, original_length)
+        self.mscale = yarn_mscale(yarn_factor)
 
     def rotate(self, q, k, q_pos, k_pos):
-        return rope(q, k, q_pos, k_pos, self.frequencies, self.layout, self.interpolation)
+        q, k = rope(q, k, q_pos, k_pos, self.frequencies, self.layout, self.interpolation)
+        if self.mscale != 1.0:  # YaRN's temperature, on q and k as the official cos/sin
+            q, k = (x * jnp.asarray(self.mscale, x.dtype) for x in (q, k))
+        return q, k
+
+
+@register("yarn")
+class YaRN(RoPE):
+    """RoPE with YaRN's frequency ramp and temperature (see the module docstring).
+
+    Options:
+      factor: context extension factor ``s`` >= 1 (1: plain RoPE, e.g. for training).
+      original_length: the original (training) context ``L``.
+      base, layout, interpolation, ntk_factor: as for rope (accepted so that a rope run
+        can be evaluated as ``yarn``; interpolation and ntk_factor must stay 1 when
+        ``factor > 1``).
+    """
+
+    def __init__(self, *, num_heads: int, head_dim: int, rngs=None, factor: float = 1.0,
+                 original_length: int = 2048, base: float = 10000.0, layout: str = "half",
+                 interpolation: float = 1.0, ntk_factor: float = 1.0):
+        del num_heads, rngs
+        self._setup(head_dim, base, layout, interpolation, ntk_factor,
+                    _check_at_least_one("factor", factor),
+                    check_positive_int("original_length", original_length))
 
 
 @register("xpos")
