@@ -26,7 +26,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from relpos import positions
+from relpos import positions, tasks
 from relpos.errors import RelposError, check_choice
 from relpos.io import config_dir
 from relpos.nn import ModelConfig, TransformerLM
@@ -137,11 +137,20 @@ class EvalSection:
     progress: bool = True  # a progress bar over the evaluation's windows
     # windows per length > L for the attention mass on keys at offsets >= L (0: off)
     attention_windows: int = 16
+    # Length-generalization tasks (relpos.tasks): a task run (task != lm) is tested at
+    # task_multiples x train.length on task_examples sequences per length; passkey=true
+    # adds passkey retrieval to an LM's evaluation (task=lm, no task training) at the
+    # eval.multiples / eval.lengths lengths its prompt fits.
+    task_multiples: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    task_examples: int = 500
+    passkey: bool = False
 
 
 @dataclass
 class TrainConfig:
     bias: dict[str, Any] = field(default_factory=lambda: {"name": "none"})
+    # lm (the corpus LM) or a length-generalization task and its options (relpos.tasks)
+    task: dict[str, Any] = field(default_factory=lambda: {"name": "lm"})
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
@@ -228,6 +237,8 @@ def register_schemas() -> None:
         cs.store(group="scheme_defaults", name=name, node=defaults)
         if name not in shipped:
             cs.store(group="bias", name=name, node={"name": name, **defaults})
+    for name in tasks.available():  # configs/task/<name>.yaml start from these
+        cs.store(group="task_defaults", name=name, node=tasks.defaults(name))
 
 
 def scheme_defaults(name: str) -> dict[str, Any]:

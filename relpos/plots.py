@@ -34,7 +34,8 @@ _VARIANT_LINES = ["--", ":", "-.", (0, (5, 1, 1, 1, 1, 1))]
 # What makes two runs the same experiment (their seed aside): relpos-plot pools runs
 # over seeds only when all of these agree.
 GROUP_KEYS = ("bias", "bias_options", "bias_overrides", "model", "optim", "train_length",
-              "train_steps", "dataset", "dataset_fingerprint", "tokenizer", "bias_convention")
+              "train_steps", "dataset", "dataset_fingerprint", "tokenizer", "bias_convention",
+              "task", "task_options")
 # How attention was computed, not what: runs may differ here and still pool.
 _MODEL_FREE = ("attn_impl", "block_size", "dense_max_len")
 
@@ -119,7 +120,8 @@ def check_poolable(runs: list[dict]) -> None:
     the label and the keys that differ (a :class:`RelposError`)."""
     by_label: dict[str, list[dict]] = defaultdict(list)
     for r in runs:
-        by_label[label_of(r)].append(r)
+        task = r.get("task")  # one scheme's label may name runs of several tasks
+        by_label[label_of(r) if not task else f"{label_of(r)} on task {task}"].append(r)
     for lab, group in by_label.items():
         ref = config_key(group[0])
         for r in group[1:]:
@@ -510,6 +512,104 @@ def plot_offset_counts(train_length: int, max_length: int, path: Path) -> None:
     _save(fig, path)
 
 
+# ----------------------------------------------------------------------------- task accuracy
+
+
+def accuracy_panels(results: list[dict], field: str = "accuracy"
+                    ) -> dict[str, dict[str, dict[int, list]]]:
+    """panel -> label -> length -> [``field`` per seed] over the entries with an
+    accuracy: one panel per task (``task`` runs) and one for the LMs' passkey retrieval
+    (``passkey`` entries, no task training)."""
+    out: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for r in sorted(results, key=lambda r: r.get("seed", 0)):
+        for e in r["eval"]:
+            if "accuracy" in e and field in e:
+                panel = (f"task {e['task']}" if e["mode"] == "task"
+                         else f"{e['mode']} (LM, no task training)")
+                out[panel][label_of(r)][e["length"]].append(e[field])
+    return out
+
+
+def _accuracy_curve(seeds: dict[int, list], single_ci: dict[int, list]):
+    """Lengths, mean, lo, hi: a t interval over seeds (ddof=1), or for one seed the
+    run's own interval (Wilson for exact match, bootstrap for token accuracy)."""
+    Ls = sorted(seeds)
+    stats = []
+    for L in Ls:
+        m, lo, hi = seed_interval(seeds[L])
+        if len(seeds[L]) == 1 and single_ci.get(L) and single_ci[L][0] is not None:
+            lo, hi = single_ci[L][0]
+        stats.append((m, max(lo, 0.0), min(hi, 1.0)))
+    s = np.array(stats)
+    return Ls, s[:, 0], s[:, 1], s[:, 2]
+
+
+def plot_accuracy_vs_length(results: list[dict], path: Path, title: str = "") -> bool:
+    """Exact-match (top) and per-token (bottom) accuracy vs evaluation length, one column
+    per task (and one for passkey retrieval by LMs): mean over seeds, band = 95% t
+    interval over seeds, or for one seed its Wilson (exact match) / bootstrap (tokens)
+    interval; dotted: chance per token. Same scheme styles as the perplexity figures."""
+    rows = [("accuracy", "accuracy_ci", "exact-match accuracy"),
+            ("token_accuracy", "token_accuracy_ci", "per-token accuracy")]
+    panels = accuracy_panels(results)
+    if not panels:
+        return False
+    names = sorted(panels)
+    fig, axes = plt.subplots(2, len(names), figsize=(5.2 * len(names), 7.6), squeeze=False)
+    chance = {}
+    for r in results:
+        for e in r["eval"]:
+            if "chance" in e:
+                chance[f"task {e['task']}" if e["mode"] == "task"
+                       else f"{e['mode']} (LM, no task training)"] = e["chance"]
+    train_length = results[0]["train_length"]
+    for col, panel in enumerate(names):
+        for row, (field, ci_field, ylabel) in enumerate(rows):
+            g, cis = accuracy_panels(results, field)[panel], accuracy_panels(results, ci_field)
+            ax, labels = axes[row][col], _order(g)
+            for lab in labels:
+                Ls, mean, lo, hi = _accuracy_curve(g[lab], cis.get(panel, {}).get(lab, {}))
+                kw = style(lab, labels)
+                n = max(len(v) for v in g[lab].values())
+                ax.plot(Ls, mean, ms=4, lw=1.4, label=f"{lab} ({n})", **kw)
+                ax.fill_between(Ls, lo, hi, color=kw["color"], alpha=0.15, lw=0)
+            if row == 1 and panel in chance:
+                ax.axhline(chance[panel], color="0.4", ls=":", lw=1)
+            _log2_x(ax, train_length, "evaluation length (tokens); dashed: training length")
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_ylabel(ylabel)
+            ax.set_title(panel if row == 0 else "")
+        axes[0][col].legend(fontsize=7, loc="lower left", title="scheme (seeds)",
+                            title_fontsize=7)
+    fig.suptitle(title or "Task accuracy vs evaluation length (mean over seeds; band: 95% t "
+                          "interval over seeds, or one run's Wilson / bootstrap interval)")
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
+def accuracy_table(results: list[dict]) -> str:
+    """Exact-match accuracy per task, scheme (rows) and length (columns): mean [95% t
+    interval over seeds, ddof=1]; a single run shows its Wilson interval."""
+    panels, cis = accuracy_panels(results), accuracy_panels(results, "accuracy_ci")
+    out = []
+    for panel in sorted(panels):
+        g = panels[panel]
+        lengths = sorted({L for v in g.values() for L in v})
+        train_length = results[0]["train_length"]
+        out += [f"Exact-match accuracy, {panel}: mean [95% t interval over seeds, ddof=1; one "
+                f"seed: Wilson interval over test sequences]; trained at {train_length}", "",
+                "| scheme | seeds | " + " | ".join(f"{L} ({L / train_length:g}x)" for L in lengths)
+                + " |", "|---|---|" + "---|" * len(lengths)]
+        for lab in _order(g):
+            seeds = max(len(v) for v in g[lab].values())
+            cells = [_fmt(g[lab].get(L, []), (cis[panel][lab].get(L) or [None])[0]
+                          if seeds == 1 else None) for L in lengths]
+            out.append(f"| {lab} | {seeds} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 def make_all(inputs: list[str], out_dir: str, title: str = "",
              merge_to: str | None = None) -> dict[str, str]:
     """Every figure and table the results allow; returns name -> path."""
@@ -519,10 +619,14 @@ def make_all(inputs: list[str], out_dir: str, title: str = "",
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = {}
-    plot_ppl_vs_length(results, out / "ppl_vs_length.png", title)
-    written["ppl_vs_length"] = str(out / "ppl_vs_length.png")
-    plot_position_loss(results, out / "position_loss.png")
-    written["position_loss"] = str(out / "position_loss.png")
+    lm = [r for r in results if any("ppl" in e for e in r["eval"])]  # task runs have none
+    if lm:
+        plot_ppl_vs_length(lm, out / "ppl_vs_length.png", title)
+        written["ppl_vs_length"] = str(out / "ppl_vs_length.png")
+        plot_position_loss(lm, out / "position_loss.png")
+        written["position_loss"] = str(out / "position_loss.png")
+    if plot_accuracy_vs_length(results, out / "accuracy_vs_length.png", title):
+        written["accuracy_vs_length"] = str(out / "accuracy_vs_length.png")
     if plot_bias_profiles(results, out / "bias_profiles.png"):
         written["bias_profiles"] = str(out / "bias_profiles.png")
     for r in results:
@@ -534,8 +638,9 @@ def make_all(inputs: list[str], out_dir: str, title: str = "",
     longest = max(e["length"] for r in results for e in r["eval"])
     plot_offset_counts(L, longest, out / "offset_counts.png")
     written["offset_counts"] = str(out / "offset_counts.png")
-    tables = "\n".join(markdown_table(results, m) for m in ("nonoverlap", "sliding"))
-    tables += "\n" + diagnostics_table(results)
+    tables = "\n".join(markdown_table(lm, m) for m in ("nonoverlap", "sliding")) if lm else ""
+    tables += ("\n" + diagnostics_table(lm)) if lm else ""
+    tables += "\n" + accuracy_table(results)
     atomic_write_text(out / "table.md", tables)
     written["table"] = str(out / "table.md")
     return written

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from relpos import data as data_lib
 from relpos import evaluation
+from relpos import tasks as tasks_lib
 from relpos.config import (
     bias_options,
     build_model,
@@ -41,7 +42,13 @@ from relpos.training import parallel as par
 from relpos.training.checkpoint import Checkpoints, has_checkpoint
 from relpos.training.loop import StepInfo, Trainer, TrainState, check_guard, tokens_per_second
 from relpos.training.metrics import MetricLogger
-from relpos.training.step import fresh_guard, last_metric, make_optimizer, make_train_step
+from relpos.training.step import (
+    WeightedTokens,
+    fresh_guard,
+    last_metric,
+    make_optimizer,
+    make_train_step,
+)
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +98,7 @@ def check_train_config(cfg) -> None:
     model_config(cfg.model, cfg.model.vocab_size or 1).validate()  # vocab: tokenizer's, later
     check_positive_float("optim.lr", cfg.optim.lr)
     check_positive_float("optim.position_lr_scale", cfg.optim.position_lr_scale)
+    check_task_config(cfg)
 
 
 def host_intervals(t) -> dict[str, int]:
@@ -175,12 +183,14 @@ def _train(cfg, run_dir: Path, closing: contextlib.ExitStack) -> dict[str, Any]:
     if cfg.train.distributed:  # multi-host: before any JAX computation (SLURM env is read)
         jax.distributed.initialize()
     _prepare_run_dir(cfg, run_dir)
-    corpus = data_lib.load_corpus(cfg.data)
+    task = task_of(cfg)  # None: the corpus LM
+    corpus = load_data(cfg.data, task)
     t = cfg.train
-    evaluation.check_lengths_fit(cfg.eval, t.length, corpus.val.size)
+    if task is None:
+        evaluation.check_lengths_fit(cfg.eval, t.length, corpus.val.size)
     model = build_model(cfg, corpus.vocab_size)
     evaluation.check_positions_reach(
-        model, max(evaluation.eval_lengths(cfg.eval, t.length) + [t.randomized_positions]))
+        model, max(test_lengths(cfg.eval, t.length, task) + [t.randomized_positions]))
     graphdef, params = nnx.split(model, nnx.Param)
     n_params = count_params(model)
     tx, schedule = make_optimizer(cfg.optim, t.steps, params)
@@ -215,7 +225,7 @@ def _train(cfg, run_dir: Path, closing: contextlib.ExitStack) -> dict[str, Any]:
              n_params, name, per_call)
     metrics = closing.enter_context(contextlib.closing(
         MetricLogger(run_dir, hparams=_hparams(cfg), enable_tb=True)))
-    batches = _batches(cfg, corpus.train, multi, place)
+    batches = _batches(cfg, corpus.train, multi, place, task_sampler(cfg, task, corpus.train))
     progress = closing.enter_context(contextlib.closing(tqdm(
         total=t.steps, initial=state.step, disable=not t.progress, desc="train", unit="step",
         dynamic_ncols=True, mininterval=1.0)))
@@ -249,6 +259,10 @@ def _train(cfg, run_dir: Path, closing: contextlib.ExitStack) -> dict[str, Any]:
                   {"step": info.state.step, "train_seconds": info.state.train_seconds})
 
     def validate(info: StepInfo):
+        if task is not None:
+            metrics.scalars(task_validation(nnx.merge(graphdef, info.state.params), task,
+                                            corpus.val, t.length, cfg.eval), info.state.step)
+            return
         val = evaluation.quick_val_loss(nnx.merge(graphdef, info.state.params), corpus.val,
                                         t.length, cfg.eval)
         metrics.scalars({"val_loss": val}, info.state.step)
@@ -280,35 +294,41 @@ def _train(cfg, run_dir: Path, closing: contextlib.ExitStack) -> dict[str, Any]:
         "skipped_steps": int(state.guard["skipped"]),
         "backend": jax.default_backend(),
     }
+    if task is not None:
+        results.update(task=task.name, task_options=task.options())
     model = nnx.merge(graphdef, state.params)
     results["position_coverage"] = evaluation.table_coverage(
         model, build_model(cfg, corpus.vocab_size), train_length=t.length, train_steps=t.steps,
         randomized=bool(t.randomized_positions))
-    results["eval"] = evaluation.evaluate(model, corpus.val, train_length=t.length,
-                                          ecfg=cfg.eval)
-    results["attention_far_mass"] = evaluation.attention_far_mass(
-        model, corpus.val, train_length=t.length, ecfg=cfg.eval,
-        windows=cfg.eval.attention_windows)
+    if task is None:
+        results["eval"] = evaluation.evaluate(model, corpus.val, train_length=t.length,
+                                              ecfg=cfg.eval)
+        results["attention_far_mass"] = evaluation.attention_far_mass(
+            model, corpus.val, train_length=t.length, ecfg=cfg.eval,
+            windows=cfg.eval.attention_windows)
+    results["eval"] = results.get("eval", []) + task_evaluations(model, task, corpus,
+                                                                  t.length, cfg.eval)
     profile = evaluation.save_bias_profile(
         model, run_dir / "bias_profile.json", train_length=t.length,
         max_length=max(e["length"] for e in results["eval"]))
     for e in results["eval"]:
-        metrics.scalars({f"eval_{e['mode']}/ppl_L{e['length']}": e["ppl"]}, t.steps)
+        metrics.scalars(eval_scalars(e), t.steps)
     metrics.bias_figure(profile, t.steps)
     metrics.final(results)
     atomic_write_json(run_dir / "results.json", results)
     return results
 
 
-def _batches(cfg, train_tokens: np.ndarray, multi: bool, place):
+def _batches(cfg, train_tokens: np.ndarray, multi: bool, place, sample=None):
     """``batches(step, n)``: the training windows of steps ``step .. step+n-1`` (stacked
-    ``[n, B, T+1]`` for a multi-step call), a function of (seed, step) only."""
+    ``[n, B, T+1]`` for a multi-step call), a function of (seed, step) only; ``sample``
+    (step -> batch), if given, draws them instead (a task's, :func:`task_sampler`)."""
     t = cfg.train
     fixed_positions = jnp.arange(t.length, dtype=jnp.int32)  # on device once
 
     def batch_at(step):
-        tokens = data_lib.train_batch(train_tokens, seed=cfg.seed, step=step,
-                                      batch_size=t.batch_size, length=t.length)
+        tokens = sample(step) if sample else data_lib.train_batch(
+            train_tokens, seed=cfg.seed, step=step, batch_size=t.batch_size, length=t.length)
         if t.randomized_positions:
             return tokens, data_lib.random_positions(
                 seed=cfg.seed, step=step, batch_size=t.batch_size, length=t.length,
@@ -320,7 +340,7 @@ def _batches(cfg, train_tokens: np.ndarray, multi: bool, place):
             return place(*batch_at(step))
         tokens, pos = zip(*(batch_at(s) for s in range(step, step + n)))
         pos = np.stack(pos) if t.randomized_positions else fixed_positions
-        return place(np.stack(tokens), pos)
+        return place(jax.tree.map(lambda *x: np.stack(x), *tokens), pos)
 
     return batches
 
@@ -332,6 +352,8 @@ def _hparams(cfg) -> dict:
     flat.update({f"model.{k}": v for k, v in plain(cfg.model).items()
                  if isinstance(v, (int, float, str, bool))})
     flat.update({f"bias.{k}": v for k, v in opts.items() if isinstance(v, (int, float, str, bool))})
+    if plain(cfg.task).get("name", "lm") != "lm":
+        flat.update({f"task.{k}": v for k, v in plain(cfg.task).items()})
     return flat
 
 
@@ -351,11 +373,13 @@ def evaluate_run(cfg) -> dict:
     if cfg.bias_overrides:
         tcfg.bias = OmegaConf.merge(tcfg.bias, cfg.bias_overrides)
     evaluation.check_eval_config(cfg.eval)
-    corpus = data_lib.load_corpus(tcfg.data)
-    evaluation.check_lengths_fit(cfg.eval, tcfg.train.length, corpus.val.size)
+    task = task_of(tcfg)  # None: the corpus LM
+    check_task_eval_config(task, cfg.eval, tcfg.train.length, tcfg.data.tokenizer)
+    corpus = load_data(tcfg.data, task)
+    if task is None:
+        evaluation.check_lengths_fit(cfg.eval, tcfg.train.length, corpus.val.size)
     model = build_model(tcfg, corpus.vocab_size)
-    evaluation.check_positions_reach(
-        model, max(evaluation.eval_lengths(cfg.eval, tcfg.train.length)))
+    evaluation.check_positions_reach(model, max(test_lengths(cfg.eval, tcfg.train.length, task)))
     graphdef, params = nnx.split(model, nnx.Param)
     ckpt = Checkpoints(run_dir / "checkpoints", tcfg.train.keep_checkpoints)
     try:
@@ -377,10 +401,120 @@ def evaluate_run(cfg) -> dict:
     results = {**{k: v for k, v in base.items() if k not in ("eval", "attention_far_mass")},
                "bias": name, "bias_options": opts, "train_length": L,
                "seed": tcfg.seed, "label": label, "checkpoint_step": step,
-               "bias_overrides": plain(cfg.bias_overrides) or None,
-               "eval": evaluation.evaluate(model, corpus.val, train_length=L, ecfg=cfg.eval),
-               "attention_far_mass": evaluation.attention_far_mass(
-                   model, corpus.val, train_length=L, ecfg=cfg.eval,
-                   windows=cfg.eval.attention_windows)}
+               "bias_overrides": plain(cfg.bias_overrides) or None}
+    if task is None:
+        results["eval"] = evaluation.evaluate(model, corpus.val, train_length=L, ecfg=cfg.eval)
+        results["attention_far_mass"] = evaluation.attention_far_mass(
+            model, corpus.val, train_length=L, ecfg=cfg.eval, windows=cfg.eval.attention_windows)
+    if task is not None:
+        results.update(task=task.name, task_options=task.options())
+    results["eval"] = results.get("eval", []) + task_evaluations(model, task, corpus, L,
+                                                                  cfg.eval)
     atomic_write_json(run_dir / cfg.output, results)
     return results
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+def task_of(cfg) -> tasks_lib.Task | None:
+    """The run's length-generalization task (``cfg.task``; :mod:`relpos.tasks`), or None
+    for the corpus LM (``task=lm``)."""
+    opts = dict(plain(cfg.task) or {})
+    name = opts.pop("name", None) or "lm"
+    if name == "lm":
+        if opts:
+            raise RelposError(f"task=lm has no options; got {', '.join(sorted(opts))}")
+        return None
+    return tasks_lib.build(name, **opts)
+
+
+def check_task_config(cfg) -> None:
+    """Before any data is loaded: the task, its options, that an instance fits
+    train.length and every test length, and the vocabulary (task runs); the passkey
+    evaluation's needs (``eval.passkey`` on the LM)."""
+    task = task_of(cfg)
+    if task is not None:
+        task.check_length(cfg.train.length, "train.length")
+    check_task_eval_config(task, cfg.eval, cfg.train.length, cfg.data.tokenizer)
+    if task is None:
+        return
+    v = cfg.model.vocab_size
+    if v and v < task.vocab_size:
+        raise RelposError(f"model.vocab_size={v} is smaller than task={task.name}'s "
+                          f"vocabulary of {task.vocab_size}; leave it null (the task's)")
+
+
+def check_task_eval_config(task, ecfg, train_length: int, tokenizer: str) -> None:
+    if task is None:
+        if ecfg.passkey:
+            passkey = tasks_lib.build("passkey")
+            tasks_lib.check_tokenizer(passkey, tokenizer)
+            if not evaluation.passkey_lengths(ecfg, train_length, passkey):
+                raise RelposError(
+                    f"eval.passkey: no evaluation length fits the passkey prompt "
+                    f"({passkey.fixed} tokens); add longer eval.multiples or eval.lengths")
+        return
+    evaluation.check_task_eval(ecfg)
+    if task.uses_corpus:
+        tasks_lib.check_tokenizer(task, tokenizer)
+    for length in evaluation.task_lengths(ecfg, train_length):
+        task.check_length(length, "test length")
+
+
+def load_data(data_cfg, task) -> data_lib.Corpus:
+    """The corpus (the LM, and tasks that draw filler from it); for a task that needs
+    none, an empty stand-in with the task's vocabulary (its results name no dataset)."""
+    if task is not None and not task.uses_corpus:
+        empty = np.zeros(0, np.int32)
+        return data_lib.Corpus(None, None, None, task.vocab_size, empty, empty)
+    return data_lib.load_corpus(data_cfg)
+
+
+def test_lengths(ecfg, train_length: int, task) -> list[int]:
+    """Every length the evaluation will run a model at."""
+    if task is None:
+        return evaluation.eval_lengths(ecfg, train_length)
+    return evaluation.task_lengths(ecfg, train_length)
+
+
+def task_sampler(cfg, task, train_tokens):
+    """``step -> WeightedTokens`` of the task's training batch (None for the LM)."""
+    if task is None:
+        return None
+    source = train_tokens if task.uses_corpus else None
+    return lambda step: WeightedTokens(*tasks_lib.train_batch(
+        task, seed=cfg.seed, step=step, batch_size=cfg.train.batch_size,
+        length=cfg.train.length, source=source))
+
+
+def task_evaluations(model, task, corpus, train_length: int, ecfg) -> list[dict]:
+    """A task run's accuracy entries, or an LM's passkey entries (``eval.passkey``)."""
+    if task is not None:
+        return evaluation.evaluate_task(
+            model, task, evaluation.task_lengths(ecfg, train_length), ecfg,
+            source=corpus.val if task.uses_corpus else None)
+    if ecfg.passkey:
+        return evaluation.evaluate_passkey(model, corpus.val, corpus.tokenizer, train_length,
+                                           ecfg)
+    return []
+
+
+def task_validation(model, task, val, length: int, ecfg, examples: int = 64) -> dict:
+    """``train.eval_every`` for a task: accuracy on the first test sequences at
+    train.length."""
+    correct, total = evaluation.score_task_length(
+        model, task, length, examples=min(examples, ecfg.task_examples),
+        batch_tokens=ecfg.batch_tokens, chunk=ecfg.loss_chunk,
+        source=val if task.uses_corpus else None)
+    return {"val_accuracy": float((correct == total).mean()),
+            "val_token_accuracy": float(correct.sum() / total.sum())}
+
+
+def eval_scalars(e: dict) -> dict:
+    """An eval entry's TensorBoard scalars: perplexity, or (tasks, passkey) accuracies."""
+    name = f"eval_{e['mode']}"
+    if "ppl" in e:
+        return {f"{name}/ppl_L{e['length']}": e["ppl"]}
+    return {f"{name}/accuracy_L{e['length']}": e["accuracy"],
+            f"{name}/token_accuracy_L{e['length']}": e["token_accuracy"]}

@@ -153,6 +153,19 @@ def format_table(results: dict) -> str:
     lines = [f"{'mode':<10} {'length':>7} {'x train':>7} {'loss':>8} {'ppl':>10} "
              f"{'bits/tok':>8} {'tokens':>8}"]
     for e in results["eval"]:
+        if "ppl" not in e:
+            continue
         lines.append(f"{e['mode']:<10} {e['length']:>7} {e['length'] / L0:>7g} {e['loss']:>8.4f} "
                      f"{e['ppl']:>10.3f} {e['bits_per_token']:>8.4f} {e['tokens']:>8}")
+    accuracy = [e for e in results["eval"] if "accuracy" in e]  # tasks, passkey retrieval
+    if accuracy:
+        if len(lines) == 1:
+            lines = []
+        lines.append(f"{'mode':<10} {'length':>7} {'x train':>7} {'exact match [95% Wilson]':>26} "
+                     f"{'token acc':>9} {'chance':>6} {'examples':>8}")
+        for e in accuracy:
+            lo, hi = e["accuracy_ci"]
+            lines.append(f"{e['mode']:<10} {e['length']:>7} {e['length'] / L0:>7g} "
+                         f"{e['accuracy']:>9.3f} [{lo:.3f}, {hi:.3f}]  {e['token_accuracy']:>9.3f} "
+                         f"{e['chance']:>6.3g} {e['examples']:>8}")
     return "\n".join(lines)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import sys
 from pathlib import Path
 
 import hydra
@@ -9,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from relpos import runs
-from relpos.cli.common import format_table, interruptible, path_override, report
+from relpos.cli.common import fail, format_table, interruptible, path_override, report
 from relpos.config import register_schemas
 from relpos.io import config_dir
 from relpos.training.loop import Preempted
@@ -35,8 +37,23 @@ def _train(cfg: DictConfig) -> float:
     results = report("relpos-train", lambda: runs.train(cfg, run_dir), stopped=(Preempted,))
     print(format_table(results))
     print(summary(results, run_dir), flush=True)
-    return results["eval"][0]["loss"]  # for Hydra sweepers that minimise
+    first = results["eval"][0]  # for Hydra sweepers that minimise
+    return first["loss"] if "loss" in first else 1.0 - first["accuracy"]
+
+
+def check_task_choice(argv: list[str]) -> None:
+    """``task=<name>`` (also in a sweep, ``task=a,b``) must name a file of configs/task/:
+    one line listing the valid ones, before Hydra's multi-line error."""
+    valid = sorted(p.stem for p in (Path(config_dir()) / "task").glob("*.yaml"))
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+~") == "task" and re.fullmatch(r"[\w,]+", value):  # else: Hydra's
+            for name in value.split(","):
+                if name.strip() not in valid:
+                    fail("relpos-train", f"unknown task {name.strip()!r}; valid: "
+                                         f"{', '.join(valid)} (configs/task/)")
 
 
 def main() -> None:
+    check_task_choice(sys.argv[1:])
     interruptible("relpos-train", _train)

@@ -16,8 +16,19 @@ from relpos.evaluation.protocols import (
     target_blocks,
     window_plan,
 )
+from relpos.evaluation.tasks import (
+    check_task_eval,
+    evaluate_passkey,
+    evaluate_task,
+    passkey_lengths,
+    score_task_length,
+    task_lengths,
+    wilson_interval,
+)
 
 __all__ = ["MODES", "attention_far_mass", "bias_profile", "check_eval_config", "check_lengths_fit",
            "check_positions_reach", "eval_lengths", "evaluate", "make_nll_fn",
            "quick_val_loss", "ratio_ci", "save_bias_profile", "table_coverage", "target_blocks",
-           "window_plan"]
+           "window_plan", "check_task_eval", "evaluate_passkey", "evaluate_task", "passkey_lengths",
+           "score_task_length", "task_lengths",
+           "wilson_interval"]

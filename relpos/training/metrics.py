@@ -51,7 +51,9 @@ class MetricLogger:
         if self.tb is None:
             return
         metrics = {f"hparam/ppl_{e['mode']}_L{e['length']}": e["ppl"]
-                   for e in results.get("eval", []) if math.isfinite(e["ppl"])}
+                   for e in results.get("eval", []) if "ppl" in e and math.isfinite(e["ppl"])}
+        metrics.update({f"hparam/accuracy_{e['mode']}_L{e['length']}": e["accuracy"]
+                        for e in results.get("eval", []) if "accuracy" in e})  # tasks, passkey
         self.tb.add_hparams(self.hparams, metrics, name=".")
 
     def bias_figure(self, profile: dict | None, step: int) -> None:

@@ -7,6 +7,7 @@ graph walk happens per step.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -56,8 +57,33 @@ def make_optimizer(ocfg, steps: int, params) -> tuple[optax.GradientTransformati
     return optax.chain(*parts), schedule
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class WeightedTokens:
+    """A task batch: ``tokens [..., B, T+1]`` and per-target loss ``weights [..., B, T]``
+    (1 on answer tokens; :mod:`relpos.tasks`). It stands where a token array goes (the
+    trainer, the multi-step scan and the data-parallel placement read ``shape`` and
+    ``ndim``, which are the tokens')."""
+
+    tokens: Any
+    weights: Any
+
+    @property
+    def shape(self):
+        return self.tokens.shape
+
+    @property
+    def ndim(self):
+        return self.tokens.ndim
+
+
 def lm_loss(model, tokens, positions):
-    """Mean next-token NLL over ``tokens[:, :-1] -> tokens[:, 1:]``."""
+    """Mean next-token NLL over ``tokens[:, :-1] -> tokens[:, 1:]``; for
+    :class:`WeightedTokens`, the weighted mean (the mean over answer tokens)."""
+    if isinstance(tokens, WeightedTokens):
+        nll = optax.softmax_cross_entropy_with_integer_labels(
+            model(tokens.tokens[:, :-1], positions), tokens.tokens[:, 1:])
+        return (nll * tokens.weights).sum() / jnp.maximum(tokens.weights.sum(), 1.0)
     logits = model(tokens[:, :-1], positions)
     return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
