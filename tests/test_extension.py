@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from types import SimpleNamespace
 
 import jax.numpy as jnp
@@ -144,3 +145,61 @@ def test_a_plain_array_attribute_is_one_clear_error():
     with pytest.raises(P.RelposConfigError, match=r"keeps a plain array in attribute 'w': "
                                                   r"wrap a learned one in nnx.Param"):
         P.build(f"{__name__}:PlainArrayBias", num_heads=2, head_dim=4)
+
+
+def _readme_block(marker: str) -> str:
+    """The README's python block that starts with ``marker`` (its first line)."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = text.index(marker)
+    return text[start:text.index("```", start)]
+
+
+CONTENT_SCHEMES = ["TokenDecay", "LengthTemperature", "CountedDistance", "SigmoidAttention"]
+
+
+@pytest.fixture
+def content_plugin(tmp_path, monkeypatch):
+    """The README's out-of-tree schemes of each score-hook kind, as a package in tmp_path."""
+    monkeypatch.delitem(sys.modules, "my_pkg.content", raising=False)
+    monkeypatch.delitem(sys.modules, "my_pkg", raising=False)
+    pkg = tmp_path / "my_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "content.py").write_text(_readme_block("# my_pkg/content.py"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    return tmp_path
+
+
+def test_readme_content_schemes_run_dense_and_blockwise(content_plugin):
+    cfg = ModelConfig(vocab_size=50, d_model=32, num_layers=2, num_heads=4, block_size=16,
+                      share_position=False)
+    tokens = jnp.arange(40).reshape(1, 40) % 50
+    for name in CONTENT_SCHEMES:
+        model = TransformerLM(cfg, f"my_pkg.content:{name}", {}, rngs=nnx.Rngs(0))
+        dense = model(tokens, impl="dense")
+        assert np.isfinite(np.asarray(dense)).all(), name
+        np.testing.assert_allclose(model(tokens, impl="blockwise"), dense, rtol=1e-5,
+                                   atol=1e-5, err_msg=name)
+        assert len(model.layer_positions) == 1  # one module per layer for every hook kind
+
+
+def test_cli_trains_each_readme_content_scheme(content_plugin, tmp_path):
+    """One relpos-train multirun over the four schemes (one process start)."""
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    sweep = tmp_path / "sweep"
+    names = ",".join(f"my_pkg.content:{n}" for n in CONTENT_SCHEMES)
+    cmd = [sys.executable, "-m", "relpos.cli", "train", "-m", "bias=none",
+           f"bias.name={names}", *tiny_args(corpus, tmp_path / "cache", multiples="[1]"),
+           "train.steps=2", "train.batch_size=2", "train.log_every=1", "eval.tokens=64",
+           f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}"]
+    env = {"PYTHONPATH": str(content_plugin), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "HOME": str(tmp_path)}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    seen = set()
+    for i in range(len(CONTENT_SCHEMES)):
+        results = json.loads((sweep / str(i) / "results.json").read_text())
+        seen.add(results["bias"].split(":")[1])
+        assert all(np.isfinite(e["loss"]) for e in results["eval"])
+    assert seen == set(CONTENT_SCHEMES)
