@@ -574,15 +574,16 @@ def plot_accuracy_vs_length(results: list[dict], path: Path, title: str = "") ->
                 ax.plot(Ls, mean, ms=4, lw=1.4, label=f"{lab} ({n})", **kw)
                 ax.fill_between(Ls, lo, hi, color=kw["color"], alpha=0.15, lw=0)
             if row == 1 and panel in chance:
-                ax.axhline(chance[panel], color="0.4", ls=":", lw=1)
+                ax.axhline(chance[panel], color="0.4", ls=":", lw=1, label="chance per token")
+                ax.legend(fontsize=7, loc="best")
             _log2_x(ax, train_length, "evaluation length (tokens); dashed: training length")
             ax.set_ylim(-0.02, 1.02)
             ax.set_ylabel(ylabel)
             ax.set_title(panel if row == 0 else "")
-        axes[0][col].legend(fontsize=7, loc="lower left", title="scheme (seeds)",
-                            title_fontsize=7)
-    fig.suptitle(title or "Task accuracy vs evaluation length (mean over seeds; band: 95% t "
-                          "interval over seeds, or one run's Wilson / bootstrap interval)")
+        axes[0][col].legend(fontsize=7, loc="best", title="scheme (seeds)", title_fontsize=7)
+    fig.suptitle(title or "Task accuracy vs evaluation length\n(mean over seeds; band: 95% t "
+                          "interval over seeds,\nor one run's Wilson / bootstrap interval)",
+                 fontsize=10)
     fig.tight_layout()
     _save(fig, path)
     return True
