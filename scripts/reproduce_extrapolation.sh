@@ -1,46 +1,116 @@
 #!/usr/bin/env bash
-# Reproduce the extrapolation study: train every scheme, evaluate far beyond the
-# training length, draw the figures and the table.
+# Reproduce the extrapolation study: train, evaluate far beyond the training length, draw
+# the figures and tables. Each preset is one corpus (its fingerprint is in table.md).
 #
-#   scripts/reproduce_extrapolation.sh                 # quick preset (+ offset ablation), CPU
-#   scripts/reproduce_extrapolation.sh paper_reduced   # short GPU run
-#   scripts/reproduce_extrapolation.sh paper           # the full GPU setting (needs network)
+#   scripts/reproduce_extrapolation.sh quick          # every scheme x 5 seeds, CPU (~1 h on 2 cores)
+#   scripts/reproduce_extrapolation.sh ablation       # offset/T5 table ablation + policy and RoPE re-evaluations (needs quick)
+#   scripts/reproduce_extrapolation.sh lengths        # the breakpoint at L = 32 and 128 (L = 64: quick)
+#   scripts/reproduce_extrapolation.sh sensitivity    # FIRE threshold, xPos scale_base, Sandwich d'
+#   scripts/reproduce_extrapolation.sh all            # the four above, in that order
+#   scripts/reproduce_extrapolation.sh paper_reduced  # short GPU run
+#   scripts/reproduce_extrapolation.sh paper          # the full GPU setting (needs network)
 #   scripts/reproduce_extrapolation.sh quick hydra/launcher=joblib hydra.launcher.n_jobs=2
 #
-# Extra arguments are passed to relpos-train. Runs go to $STUDY/runs/<preset>/ (not
-# committed: they hold checkpoints); figures and table.md to $STUDY/figures/<preset>/,
+# Extra arguments are passed to every relpos-train call. Runs go to $STUDY/runs/<preset>/
+# (not committed: they hold checkpoints); figures and table.md to $STUDY/figures/<preset>/,
 # every run's results merged into $STUDY/results/<preset>.json. STUDY defaults to
-# experiments/extrapolation (set RELPOS_STUDY_DIR to write elsewhere).
+# experiments/extrapolation (set RELPOS_STUDY_DIR to write elsewhere); SKIP_TRAIN=1 only
+# re-evaluates and redraws from existing runs.
 set -euo pipefail
 preset="${1:-quick}"
 shift || true
 cd "$(dirname "$0")/.."
 study="${RELPOS_STUDY_DIR:-experiments/extrapolation}"
-case "$preset" in
-  quick|paper|paper_reduced) ;;
-  *) echo "usage: $0 [quick|paper|paper_reduced] [relpos-train overrides...]" >&2; exit 2 ;;
-esac
-
-start=$(date +%s)
-relpos-train -m "+experiment=extrapolation_$preset" "hydra.sweep.dir=$study/runs/$preset" "$@"
-if [ "$preset" = quick ]; then
-  ablation_args=()  # the ablation sweeps offset variants: drop any bias=... choice
-  for a in "$@"; do [[ "$a" == bias=* ]] || ablation_args+=("$a"); done
-  relpos-train -m +experiment=extrapolation_ablation "hydra.sweep.dir=$study/runs/ablation" \
-    ${ablation_args[@]+"${ablation_args[@]}"}
-fi
-echo "sweeps finished in $(( $(date +%s) - start )) s"
-
-declare -A titles=(
-  [quick]="Quick preset: tiny LM trained at 64 tokens on the offline corpus"
-  [paper_reduced]="Reduced paper preset: medium LM trained at 512 tokens, bf16"
-  [paper]="Paper preset: GPT-2-small-like LM trained at 512 tokens")
+R="$study/runs"
 mkdir -p "$study/results"
-relpos-plot "inputs=[$study/runs/$preset]" "out_dir=$study/figures/$preset" \
-  "merge_to=$study/results/$preset.json" "title='${titles[$preset]}'"
-if [ "$preset" = quick ]; then
-  # The offset-specific limit: offset variants against the schemes that extrapolate.
-  relpos-plot "inputs=[$study/runs/ablation,'$study/runs/quick/bias=offset,*','$study/runs/quick/bias=alibi,*','$study/runs/quick/bias=kerple_log,*','$study/runs/quick/bias=fire,*']" \
-    "out_dir=$study/figures/ablation" "merge_to=$study/results/ablation.json" \
-    "title='The offset-specific limit: out-of-range policy and untrained table rows'"
-fi
+start=$(date +%s)
+# relpos-eval settings of the presets (relpos-eval does not read experiment presets)
+QUICK_EVAL=("eval.multiples=[1,2,4,8,16,32]" "eval.modes=[nonoverlap,sliding]" eval.tokens=65536)
+LENGTHS_EVAL=("eval.lengths=[32,64,128,256,512,1024,2048]" "eval.modes=[nonoverlap]" eval.tokens=65536)
+
+train() {  # train PRESET_DIR ARGS...: one sweep unless SKIP_TRAIN
+  local dir="$1"; shift
+  [ -n "${SKIP_TRAIN:-}" ] || relpos-train -m "hydra.sweep.dir=$dir" "$@" ${extra[@]+"${extra[@]}"}
+}
+plot() {  # plot NAME TITLE INPUTS...
+  local name="$1" title="$2"; shift 2
+  local inputs; inputs=$(printf "'%s'," "$@"); inputs="[${inputs%,}]"
+  relpos-plot "inputs=$inputs" "out_dir=$study/figures/$name" \
+    "merge_to=$study/results/$name.json" "title='$title'"
+}
+reeval() {  # reeval RUN_GLOB OUTPUT LABEL OVERRIDE EVAL_ARGS...: a relpos-eval per run
+  local pattern="$1" output="$2" label="$3" override="$4"; shift 4
+  for d in $pattern; do
+    [ -d "$d" ] || continue
+    relpos-eval "run_dir=$d" "$override" "label=$label" "output=$output" "$@" eval.progress=false \
+      ${eval_extra[@]+"${eval_extra[@]}"}
+  done
+}
+extra=("$@")
+bias_free=()  # sweeps that choose their own bias drop a bias=... argument
+eval_extra=()  # eval.* arguments apply to the re-evaluations too
+for a in "$@"; do
+  [[ "$a" == bias=* ]] || bias_free+=("$a")
+  [[ "$a" != eval.* ]] || eval_extra+=("$a")
+done
+
+quick() {
+  train "$R/quick" +experiment=extrapolation_quick
+  # results.json only: the re-evaluations (policies, RoPE PI/NTK) belong to the ablation
+  plot quick "Quick preset: tiny LM trained at 64 tokens on the offline corpus" \
+    "$R/quick/*/results.json"
+}
+ablation() {
+  extra=(${bias_free[@]+"${bias_free[@]}"})
+  train "$R/ablation" +experiment=extrapolation_ablation
+  train "$R/ablation_t5" +experiment=extrapolation_ablation bias=t5 +variant=t5_md_full,t5_md_double
+  for pol in mask zero; do  # out-of-range policies: the quick preset's trained tables
+    reeval "$R/quick/bias=offset,seed=*" "eval_$pol.json" "offset ($pol beyond L)" \
+      "+bias_overrides.policy=$pol" "${QUICK_EVAL[@]}"
+  done
+  for f in 4 32; do  # RoPE at evaluation time: position interpolation and NTK scaling
+    reeval "$R/quick/bias=rope,seed=[012]" "eval_pi$f.json" "rope (PI x$f)" \
+      "+bias_overrides.interpolation=$f" "${QUICK_EVAL[@]}"
+    reeval "$R/quick/bias=rope,seed=[012]" "eval_ntk$f.json" "rope (NTK x$f)" \
+      "+bias_overrides.ntk_factor=$f" "${QUICK_EVAL[@]}"
+  done
+  plot ablation "The offset-specific limit: policy beyond L, untrained rows, randomized positions, T5 max_distance" \
+    "$R/ablation" "$R/ablation_t5" "$R/quick/bias=offset,*" "$R/quick/bias=t5,*/results.json" \
+    "$R/quick/bias=alibi,*/results.json" "$R/quick/bias=fire,*/results.json"
+  plot rope_eval "RoPE at evaluation time: position interpolation and NTK-aware scaling" \
+    "$R/quick/bias=rope,seed=[012]"
+}
+lengths() {
+  extra=(${bias_free[@]+"${bias_free[@]}"})
+  for L in 32 128; do
+    train "$R/lengths_L$L" +experiment=extrapolation_lengths "train.length=$L" \
+      "train.batch_size=$((1024 / L))"
+    for pol in mask zero; do
+      reeval "$R/lengths_L$L/bias=offset,seed=*" "eval_$pol.json" "offset ($pol beyond L)" \
+        "+bias_overrides.policy=$pol" "${LENGTHS_EVAL[@]}"
+    done
+    plot "lengths_L$L" "Trained at L = $L (batch $((1024 / L)): 1024 tokens per step)" "$R/lengths_L$L"
+  done
+}
+sensitivity() {
+  extra=(${bias_free[@]+"${bias_free[@]}"})
+  local common=(+experiment=extrapolation_quick seed=0,1,2 "eval.modes=[nonoverlap]")
+  train "$R/sens_fire" "${common[@]}" bias=fire bias.threshold=64,2048 'label=fire (threshold ${bias.threshold})'
+  train "$R/sens_xpos" "${common[@]}" bias=xpos bias.scale_base=64,2048 'label=xpos (scale_base ${bias.scale_base})'
+  train "$R/sens_sandwich" "${common[@]}" bias=sandwich bias.dim=8,128 'label=sandwich (dim ${bias.dim})'
+  plot sensitivity "Sensitivity: FIRE threshold, xPos scale_base, Sandwich d' (defaults: the quick preset)" \
+    "$R/sens_fire" "$R/sens_xpos" "$R/sens_sandwich" "$R/quick/bias=fire,*/results.json" \
+    "$R/quick/bias=xpos,*/results.json" "$R/quick/bias=sandwich,*/results.json"
+}
+
+case "$preset" in
+  quick|ablation|lengths|sensitivity) "$preset" ;;
+  all) quick; ablation; lengths; sensitivity ;;
+  paper|paper_reduced)
+    train "$R/$preset" "+experiment=extrapolation_$preset"
+    plot "$preset" "$([ "$preset" = paper ] && echo "Paper preset: GPT-2-small-like LM trained at 512 tokens" \
+      || echo "Reduced paper preset: medium LM trained at 512 tokens, bf16")" "$R/$preset" ;;
+  *) echo "usage: $0 [quick|ablation|lengths|sensitivity|all|paper_reduced|paper] [relpos-train overrides...]" >&2
+     exit 2 ;;
+esac
+echo "finished in $(( $(date +%s) - start )) s"

@@ -48,9 +48,10 @@ def test_reproduce_script_miniature(tmp_path):
                  "train.log_every=3", "train.checkpoint_every=6", "eval.tokens=256",
                  *tiny_args(corpus, tmp_path / "cache", multiples="[1,4]"),
                  "hydra.sweeper.params.seed=0"]
-    out = subprocess.run(["bash", str(ROOT / "scripts/reproduce_extrapolation.sh"), "quick",
-                          *overrides], capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    for preset in ("quick", "ablation"):
+        out = subprocess.run(["bash", str(ROOT / "scripts/reproduce_extrapolation.sh"), preset,
+                              *overrides], capture_output=True, text=True, env=env, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
     study = tmp_path / "study"
     for preset in ("quick", "ablation"):
         figs = study / "figures" / preset
@@ -62,7 +63,10 @@ def test_reproduce_script_miniature(tmp_path):
         merged = json.loads((study / "results" / f"{preset}.json").read_text())
         assert all(r["bias_profile"] for r in merged)
     assert (study / "figures" / "quick" / "bias_heatmap_alibi.png").exists()
+    quick = {r["label"] for r in json.loads((study / "results" / "quick.json").read_text())}
+    assert quick == {"alibi", "offset"}  # the re-evaluations belong to the ablation
     labels = {r["label"] for r in json.loads((study / "results" / "ablation.json").read_text())}
-    assert {"offset (zero beyond L)", "offset (4L table)", "offset (4L table + decay)",
-            "alibi", "offset"} <= labels
+    assert {"offset (zero beyond L)", "offset (mask beyond L)", "offset (4L table)",
+            "offset (4L table + decay)", "offset (randomized positions)", "t5 (max_distance L)",
+            "t5 (max_distance 2L)", "alibi", "offset"} <= labels
     assert not any((study / "figures" / p / "plot.log").exists() for p in ("quick", "ablation"))
