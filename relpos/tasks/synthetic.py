@@ -4,8 +4,8 @@ alone carry a loss and are scored):
 
 * ``copy`` — ``BOS x1 .. xn SEP | x1 .. xn``; symbols ``x`` uniform over ``symbols``
   ids from 3. Size n; ``2n + 2`` tokens. Copying as in Kazemnejad et al. 2023 (NoPE)
-  and Jelassi et al. 2024 ("Repeat after me"); Ruoss et al. 2023's *duplicate string*
-  with ``symbols=2``.
+  and Jelassi et al. 2024 ("Repeat after me"); with ``symbols=2`` close to Ruoss et
+  al. 2023's *duplicate string*, whose answer is the string twice.
 * ``reverse`` — ``BOS x1 .. xn SEP | xn .. x1`` (Ruoss et al.'s *reverse string* with
   ``symbols=2``).
 * ``assoc_recall`` — multi-query associative recall (Arora et al. 2023, Zoology's MQAR):
