@@ -408,7 +408,11 @@ def bias_profile_figure(profile: dict, ax=None, max_heads: int = 16, others=()):
     ax.axvspan(L, offsets[-1] + 1, color="0.85", zorder=0)
     ax.text(L, ax.get_ylim()[0], " offsets never seen in training", fontsize=7, va="bottom")
     ax.set_xscale("log", base=2)
-    finite = at_max[np.isfinite(at_max)]  # -inf: the offset table's mask policy
+    masked = np.isneginf(at_max).any(0)  # the offset table's mask policy: no attention
+    if masked.any():
+        ax.text(offsets[masked][0] + 1, 0.5, " -inf: keys masked", fontsize=7,
+                transform=ax.get_xaxis_transform())
+    finite = at_max[np.isfinite(at_max)]
     if finite.size and finite.min() < -50:  # e.g. KERPLE power heads that explode beyond L
         ax.set_yscale("symlog", linthresh=1.0)
     ax.set_xlabel("offset i - j (+1, log)")
@@ -424,6 +428,8 @@ def profile_of(r: dict) -> dict | None:
     """A run's bias profile: embedded (merged files) or beside its results.json."""
     if r.get("bias_profile"):
         return _compact(r["bias_profile"])
+    if r.get("bias_overrides"):  # the saved profile is of the scheme as trained, not as evaluated
+        return None
     p = Path(r.get("run_dir", "")) / "bias_profile.json"
     return _compact(json.loads(p.read_text())) if p.exists() else None
 

@@ -410,6 +410,9 @@ def evaluate_run(cfg) -> dict:
         results.update(task=task.name, task_options=task.options())
     results["eval"] = results.get("eval", []) + task_evaluations(model, task, corpus, L,
                                                                   cfg.eval)
+    if callable(getattr(model.position, "bias", None)):  # of the scheme as evaluated
+        results["bias_profile"] = evaluation.bias_profile(
+            model, train_length=L, max_length=max(evaluation.eval_lengths(cfg.eval, L)))
     atomic_write_json(run_dir / cfg.output, results)
     return results
 

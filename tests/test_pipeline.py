@@ -97,6 +97,9 @@ def test_train_writes_every_output_and_eval_reproduces_it(ws):
     assert r.returncode == 0, r.stderr
     again = json.loads((run / "eval_results.json").read_text())
     assert again["checkpoint_step"] == 30
+    saved = json.loads((run / "bias_profile.json").read_text())
+    assert again["bias_profile"]["at_max"] == saved["at_max"]  # no overrides: the same scheme
+    assert again["attention_far_mass"][0]["length"] == 32 and res["attention_far_mass"]
     want, got = eval_by_key(res), eval_by_key(again)
     assert got.keys() == want.keys()
     for key in want:  # same checkpoint, same windows, same compiled shapes: bitwise

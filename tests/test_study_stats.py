@@ -236,3 +236,19 @@ def test_diagnostics_table_reports_far_mass_over_seeds_and_breakpoints():
     assert "mass at 32" in table and "offsets >= 8" in table
     assert plots.diagnostics_table([{**run(0, 0, None), "attention_far_mass": [],
                                      "eval": []}]) == ""
+
+
+def test_a_reevaluation_shows_its_own_bias_profile_or_none(tmp_path):
+    import json
+
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "bias_profile.json").write_text(json.dumps({"scheme": "offset", "offsets": [0],
+                                                     "at_max": [[0.5]], "train_length": 8}))
+    trained = {"label": "offset", "bias": "offset", "run_dir": str(d)}
+    assert plots.profile_of(trained)["at_max"] == [[0.5]]
+    masked = {**trained, "label": "offset (mask)", "bias_overrides": {"policy": "mask"}}
+    assert plots.profile_of(masked) is None  # the saved profile is the trained policy's
+    own = {**masked, "bias_profile": {"scheme": "offset", "offsets": [0, 9],
+                                      "at_max": [[0.5, float("-inf")]], "train_length": 8}}
+    assert plots.profile_of(own)["at_max"][0][1] == float("-inf")
