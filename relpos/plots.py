@@ -63,8 +63,9 @@ def collect(inputs: list[str]) -> list[dict]:
     ``bias_overrides``, or ``label=``) is a run of its own."""
     expanded = []
     for item in inputs:  # shell-style patterns select runs, e.g. runs/quick/bias=alibi*
+        # (``**`` spans folders: runs/quick/**/results.json is every run without its re-evaluations)
         if glob.has_magic(item):  # a pattern may match nothing (scheme not in this sweep)
-            expanded += sorted(glob.glob(os.path.expanduser(item)))
+            expanded += sorted(glob.glob(os.path.expanduser(item), recursive=True))
         else:
             expanded.append(item)
     found: dict[tuple, dict] = {}

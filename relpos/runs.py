@@ -412,7 +412,7 @@ def evaluate_run(cfg) -> dict:
                                                                   cfg.eval)
     if callable(getattr(model.position, "bias", None)):  # of the scheme as evaluated
         results["bias_profile"] = evaluation.bias_profile(
-            model, train_length=L, max_length=max(evaluation.eval_lengths(cfg.eval, L)))
+            model, train_length=L, max_length=max(test_lengths(cfg.eval, L, task)))
     atomic_write_json(run_dir / cfg.output, results)
     return results
 

@@ -38,11 +38,14 @@ plot() {  # plot NAME TITLE INPUTS...
   relpos-plot "inputs=$inputs" "out_dir=$study/figures/$name" \
     "merge_to=$study/results/$name.json" "title='$title'"
 }
-reeval() {  # reeval RUN_GLOB OUTPUT LABEL OVERRIDE EVAL_ARGS...: a relpos-eval per run
-  local pattern="$1" output="$2" label="$3" override="$4"; shift 4
-  for d in $pattern; do
-    [ -d "$d" ] || continue
-    relpos-eval "run_dir=$d" "$override" "label=$label" "output=$output" "$@" eval.progress=false \
+reeval() {  # reeval SWEEP PATH_PATTERN OUTPUT LABEL OVERRIDE EVAL_ARGS...: a relpos-eval
+  # per finished run under SWEEP whose folder matches PATH_PATTERN (find -path)
+  local sweep="$1" pattern="$2" output="$3" label="$4" override="$5"; shift 5
+  [ -d "$sweep" ] || return 0
+  find "$sweep" -name results.json -path "$pattern" -print0 | sort -z |
+  while IFS= read -r -d '' f; do
+    d=$(dirname "$f")
+    relpos-eval "run_dir=$d" "$override" "label=$label" "output=$output" "$@" eval.progress=false </dev/null \
       ${eval_extra[@]+"${eval_extra[@]}"}
   done
 }
@@ -58,27 +61,27 @@ quick() {
   train "$R/quick" +experiment=extrapolation_quick
   # results.json only: the re-evaluations (policies, RoPE PI/NTK) belong to the ablation
   plot quick "Quick preset: tiny LM trained at 64 tokens on the offline corpus" \
-    "$R/quick/*/results.json"
+    "$R/quick/**/results.json"
 }
 ablation() {
   extra=(${bias_free[@]+"${bias_free[@]}"})
   train "$R/ablation" +experiment=extrapolation_ablation
   train "$R/ablation_t5" +experiment=extrapolation_ablation bias=t5 +variant=t5_md_full,t5_md_double
   for pol in mask zero; do  # out-of-range policies: the quick preset's trained tables
-    reeval "$R/quick/bias=offset,seed=*" "eval_$pol.json" "offset ($pol beyond L)" \
+    reeval "$R/quick" "*/bias=offset,*" "eval_$pol.json" "offset ($pol beyond L)" \
       "+bias_overrides.policy=$pol" "${QUICK_EVAL[@]}"
   done
   for f in 4 32; do  # RoPE at evaluation time: position interpolation and NTK scaling
-    reeval "$R/quick/bias=rope,seed=[012]" "eval_pi$f.json" "rope (PI x$f)" \
+    reeval "$R/quick" "*/bias=rope,*seed=[012]*" "eval_pi$f.json" "rope (PI x$f)" \
       "+bias_overrides.interpolation=$f" "${QUICK_EVAL[@]}"
-    reeval "$R/quick/bias=rope,seed=[012]" "eval_ntk$f.json" "rope (NTK x$f)" \
+    reeval "$R/quick" "*/bias=rope,*seed=[012]*" "eval_ntk$f.json" "rope (NTK x$f)" \
       "+bias_overrides.ntk_factor=$f" "${QUICK_EVAL[@]}"
   done
   plot ablation "The offset-specific limit: policy beyond L, untrained rows, randomized positions, T5 max_distance" \
-    "$R/ablation" "$R/ablation_t5" "$R/quick/bias=offset,*" "$R/quick/bias=t5,*/results.json" \
-    "$R/quick/bias=alibi,*/results.json" "$R/quick/bias=fire,*/results.json"
+    "$R/ablation" "$R/ablation_t5" "$R/quick/bias=offset,*" "$R/quick/bias=t5,*/**/results.json" \
+    "$R/quick/bias=alibi,*/**/results.json" "$R/quick/bias=fire,*/**/results.json"
   plot rope_eval "RoPE at evaluation time: position interpolation and NTK-aware scaling" \
-    "$R/quick/bias=rope,seed=[012]"
+    "$R/quick/bias=rope,*seed=[012]*"
 }
 lengths() {
   extra=(${bias_free[@]+"${bias_free[@]}"})
@@ -86,7 +89,7 @@ lengths() {
     train "$R/lengths_L$L" +experiment=extrapolation_lengths "train.length=$L" \
       "train.batch_size=$((1024 / L))"
     for pol in mask zero; do
-      reeval "$R/lengths_L$L/bias=offset,seed=*" "eval_$pol.json" "offset ($pol beyond L)" \
+      reeval "$R/lengths_L$L" "*/bias=offset,*" "eval_$pol.json" "offset ($pol beyond L)" \
         "+bias_overrides.policy=$pol" "${LENGTHS_EVAL[@]}"
     done
     plot "lengths_L$L" "Trained at L = $L (batch $((1024 / L)): 1024 tokens per step)" "$R/lengths_L$L"
@@ -99,8 +102,8 @@ sensitivity() {
   train "$R/sens_xpos" "${common[@]}" bias=xpos bias.scale_base=64,2048 'label=xpos (scale_base ${bias.scale_base})'
   train "$R/sens_sandwich" "${common[@]}" bias=sandwich bias.dim=8,128 'label=sandwich (dim ${bias.dim})'
   plot sensitivity "Sensitivity: FIRE threshold, xPos scale_base, Sandwich d' (defaults: the quick preset)" \
-    "$R/sens_fire" "$R/sens_xpos" "$R/sens_sandwich" "$R/quick/bias=fire,*/results.json" \
-    "$R/quick/bias=xpos,*/results.json" "$R/quick/bias=sandwich,*/results.json"
+    "$R/sens_fire" "$R/sens_xpos" "$R/sens_sandwich" "$R/quick/bias=fire,*/**/results.json" \
+    "$R/quick/bias=xpos,*/**/results.json" "$R/quick/bias=sandwich,*/**/results.json"
 }
 
 case "$preset" in
