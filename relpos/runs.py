@@ -30,8 +30,8 @@ from relpos.config import (
     check_choices,
     load_saved_config,
     model_config,
-    position_lr_scale,
     plain,
+    position_lr_scale,
     resume_keys,
 )
 from relpos.errors import RelposError, check_positive_float, check_positive_int
