@@ -80,8 +80,10 @@ ablation() {
   plot ablation "The offset-specific limit: policy beyond L, untrained rows, randomized positions, T5 max_distance" \
     "$R/ablation" "$R/ablation_t5" "$R/quick/bias=offset,*" "$R/quick/bias=t5,*/**/results.json" \
     "$R/quick/bias=alibi,*/**/results.json" "$R/quick/bias=fire,*/**/results.json"
-  plot rope_eval "RoPE at evaluation time: position interpolation and NTK-aware scaling" \
-    "$R/quick/bias=rope,*seed=[012]*"
+  if compgen -G "$R/quick/bias=rope,*" > /dev/null; then  # the sweep may have left rope out
+    plot rope_eval "RoPE at evaluation time: position interpolation and NTK-aware scaling" \
+      "$R/quick/bias=rope,*seed=[012]*"
+  fi
 }
 lengths() {
   extra=(${bias_free[@]+"${bias_free[@]}"})
