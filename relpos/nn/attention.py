@@ -173,20 +173,53 @@ def _add_batch_shared_jvp(primals, tangents):
 
 
 @dataclasses.dataclass(frozen=True)
+class CumulativeBias:
+    """A token bias given by its increments: ``c_t = sum_{l <= t} increments_l``
+    (``[B, T, H]``), what a ``token_bias`` hook may return instead of ``c`` itself (FoX).
+
+    Why: a cumulative sum reaches hundreds in magnitude (FoX's log forget gates sum to
+    ~ -870 over 1024 tokens), where fp32 keeps ~6e-5 absolute; ``c_i - c_j`` of nearby
+    tokens (the pairs the softmax weighs) then carries that error, and its gradient, a
+    reverse cumulative sum of row and column sums over the whole window, amplifies the
+    rounding of every entry by the window length (dense and blockwise gate gradients
+    2.3e-4 and 6.8e-4 from float64 at T = 1024). From the increments each path sums
+    ``c_i - c_j = sum_{l = j+1 .. i} increments_l`` relative to the first query of each
+    query block (:func:`_relative_cumsum`): the subtracted numbers are those sums
+    themselves, and a gradient crosses at most one block of queries."""
+
+    increments: jax.Array
+
+    def astype(self, dtype) -> CumulativeBias:
+        return CumulativeBias(self.increments.astype(dtype))
+
+
+def _relative_cumsum(inc: jax.Array, ref) -> jax.Array:
+    """``u [B, L, H]`` with ``u_i - u_j = sum_{l = j+1 .. i} inc_l`` and ``u_{ref-1} = 0``:
+    ``sum_{l = ref .. t} inc_l`` for ``t >= ref``, ``-sum_{l = t+1 .. ref-1} inc_l`` before
+    (``ref`` may be traced). ``inc [B, L, H]``."""
+    idx = jnp.arange(inc.shape[1])[None, :, None]
+    fwd = jnp.cumsum(jnp.where(idx >= ref, inc, 0.0), axis=1)
+    before = jnp.where(idx < ref, inc, 0.0)
+    rev = jnp.flip(jnp.cumsum(jnp.flip(before, 1), axis=1), 1)  # sum_{l = t .. ref-1}
+    rev = jnp.concatenate([rev[:, 1:], jnp.zeros_like(rev[:, :1])], axis=1)
+    return fwd - rev
+
+
+@dataclasses.dataclass(frozen=True)
 class ScoreHooks:
     """One layer's score hooks (contract in :mod:`relpos.positions.base`), the layer index
     already bound: what :func:`causal_attention` evaluates on every tile of scores.
 
     Attributes:
       token_bias: ``c [B, Tk, H]`` float32 for the keys (queries are the last ``Tq``), so
-        that logit ``(i, j) += c_i - c_j``; or None.
+        that logit ``(i, j) += c_i - c_j``, or a :class:`CumulativeBias` of ``c``; or None.
       logit_scale: ``(q_pos, n) -> [H, Tq] | [B, H, Tq]`` or None.
       modify_logits: ``(blk, carry) -> (logits, carry)`` or None.
       normalize: ``(blk, carry) -> (log_weights, carry)`` or None (softmax).
       owner: the scheme's name, for error messages.
     """
 
-    token_bias: jax.Array | None = None
+    token_bias: jax.Array | CumulativeBias | None = None
     logit_scale: Callable | None = None
     modify_logits: Callable | None = None
     normalize: Callable | None = None
@@ -264,12 +297,15 @@ def _hooked_dense(q, k, v, *, bias, q_pos, k_pos, scale, bias_inside_scale, hook
         stop = min(start + size, tq)
         keys = stop + offset
         bb = None if bias_full is None else bias_full[..., start:stop, :keys]
+        cb = c  # the token bias over keys [0, keys), relative to this block's first query
+        if isinstance(c, CumulativeBias):
+            cb = _relative_cumsum(c.increments[:, :keys].astype(jnp.float32), offset + start)
         logits, log_w, _ = _tile(
             q[:, start:stop], k[:, :keys], bias_blk=bb, q_pos=q_pos[..., start:stop],
             k_pos=k_pos[..., :keys], q_idx=jnp.arange(start, stop) + offset,
             k_idx=jnp.arange(keys), tk=tk, scale=scale, inside=bias_inside_scale, hooks=hooks,
-            c_q=None if c is None else c[:, offset + start:offset + stop],
-            c_k=None if c is None else c[:, :keys], carry=(None, None))
+            c_q=None if cb is None else cb[:, offset + start:offset + stop],
+            c_k=None if cb is None else cb[:, :keys], carry=(None, None))
         w = _weights(logits, log_w)
         if weights_only:
             if log_w is not None:  # the remainder sits on the query's own key
@@ -397,7 +433,12 @@ def blockwise_attention(q, k, v, *, bias, q_pos, k_pos, scale, bias_inside_scale
     if dense_bias is not None:
         dense_bias = _pad_to(_pad_to(dense_bias, dense_bias.ndim - 2, block_q), -1, block_k)
     c = hooks.token_bias
-    if c is not None:
+    cumulative = isinstance(c, CumulativeBias)
+    if cumulative:  # increments up to every padded query and key index (zeros beyond)
+        inc = c.increments.astype(jnp.float32)
+        length = max(kp.shape[1], offset + qp.shape[1])
+        inc = jnp.pad(inc, [(0, 0), (0, length - tk), (0, 0)])
+    elif c is not None:
         c = jnp.asarray(c, jnp.float32)
         c_qp = _pad_to(c[:, offset:], 1, block_q, mode="edge")
         c_kp = _pad_to(c, 1, block_k, mode="edge")
@@ -413,7 +454,7 @@ def blockwise_attention(q, k, v, *, bias, q_pos, k_pos, scale, bias_inside_scale
         kpos = jax.lax.dynamic_slice_in_dim(k_pos_p, kj * block_k, block_k, axis=-1)
         return evaluate_bias(bias, qpos, kpos)
 
-    def tile(qi, kj, carry):
+    def tile(qi, kj, carry, u=None):
         q_blk = jax.lax.dynamic_slice_in_dim(qp, qi * block_q, block_q, axis=1)
         k_blk = jax.lax.dynamic_slice_in_dim(kp, kj * block_k, block_k, axis=1)
         sl = lambda x, i, n: jax.lax.dynamic_slice_in_dim(x, i * n, n, axis=1)
@@ -424,18 +465,22 @@ def blockwise_attention(q, k, v, *, bias, q_pos, k_pos, scale, bias_inside_scale
             q_idx=qi * block_q + jnp.arange(block_q) + offset,
             k_idx=kj * block_k + jnp.arange(block_k), tk=tk, scale=scale,
             inside=bias_inside_scale, hooks=hooks,
-            c_q=None if c is None else sl(c_qp, qi, block_q),
-            c_k=None if c is None else sl(c_kp, kj, block_k), carry=carry)
+            c_q=(jax.lax.dynamic_slice_in_dim(u, qi * block_q + offset, block_q, axis=1)
+                 if cumulative else None if c is None else sl(c_qp, qi, block_q)),
+            c_k=(sl(u, kj, block_k) if cumulative else None if c is None
+                 else sl(c_kp, kj, block_k)), carry=carry)
 
     normalize = hooks.normalize is not None
 
     def one_query_block(qi):
         last_q = jnp.minimum(qi * block_q + block_q - 1, tq - 1) + offset
+        # a cumulative token bias relative to the block's first query (linear memory)
+        u = _relative_cumsum(inc, qi * block_q + offset) if cumulative else None
 
         def attend(carry, kj):
             m_prev, l_prev, acc, hook_carry = carry
             v_blk = jax.lax.dynamic_slice_in_dim(vp, kj * block_k, block_k, axis=1)
-            s, log_w, hook_carry = tile(qi, kj, hook_carry)
+            s, log_w, hook_carry = tile(qi, kj, hook_carry, u)
             if normalize:
                 p = jnp.exp(log_w)
                 pv = jnp.einsum("bhqk,bkhd->bhqd", p.astype(v.dtype), v_blk,
@@ -455,7 +500,7 @@ def blockwise_attention(q, k, v, *, bias, q_pos, k_pos, scale, bias_inside_scale
             return jax.lax.cond(needed, attend, lambda c, _: c, carry, kj), None
 
         # the hooks' carry: zeros of what they return for one tile (None: no carry)
-        shapes = jax.eval_shape(lambda: tile(qi, 0, (None, None))[2])
+        shapes = jax.eval_shape(lambda: tile(qi, 0, (None, None), u)[2])
         hook_init = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
         init = (jnp.full((b, h, block_q), -jnp.inf, jnp.float32),
                 jnp.zeros((b, h, block_q), jnp.float32),
