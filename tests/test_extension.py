@@ -185,13 +185,14 @@ def test_readme_content_schemes_run_dense_and_blockwise(content_plugin):
 
 
 def test_cli_trains_each_readme_content_scheme(content_plugin, tmp_path):
-    """One relpos-train multirun over the four schemes (one process start)."""
+    """One relpos-train multirun over the four schemes (one process start), one training
+    step each: the step (forward, gradients, update) and the evaluation run."""
     corpus = write_corpus(tmp_path / "corpus.txt")
     sweep = tmp_path / "sweep"
     names = ",".join(f"my_pkg.content:{n}" for n in CONTENT_SCHEMES)
     cmd = [sys.executable, "-m", "relpos.cli", "train", "-m", "bias=none",
            f"bias.name={names}", *tiny_args(corpus, tmp_path / "cache", multiples="[1]"),
-           "train.steps=2", "train.batch_size=2", "train.log_every=1", "eval.tokens=64",
+           "train.steps=1", "train.batch_size=2", "train.log_every=1", "eval.tokens=64",
            f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}"]
     env = {"PYTHONPATH": str(content_plugin), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "HOME": str(tmp_path)}
