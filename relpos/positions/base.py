@@ -12,7 +12,10 @@ layer's index ``layer`` (a scheme shared by all layers can tell them apart):
 
 * ``token_bias(x, positions, layer) -> c [B, T, H]``: a separable per-token bias from the
   layer's attention input ``x [B, T, D]`` (after its LayerNorm); logit ``(i, j) += c_i -
-  c_j``. Linear memory on every path (FoX).
+  c_j``. Linear memory on every path (FoX). A cumulative ``c`` may be returned as its
+  increments, ``relpos.nn.attention.CumulativeBias(d)`` (``c = cumsum(d)`` along T): both
+  paths then sum ``c_i - c_j`` relative to each query block, which keeps fp32 precision
+  for nearby tokens when ``c`` grows large.
 * ``logit_scale(q_pos, n, layer) -> [H, Tq]`` or ``[B, H, Tq]``: a multiplier of every
   logit of query i, which attends to ``n_i`` keys (``n [Tq]`` int32, by index; SSMax).
 * ``modify_logits(blk, carry, layer) -> (logits, carry)``: any function of one block of
