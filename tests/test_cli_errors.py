@@ -38,8 +38,8 @@ class Case:
 CASES = {
     # schemes and their options
     "unknown_scheme_group": Case(["bias=nope"], "Could not find 'bias/nope'", hydra=True),
-    "unknown_scheme_name": Case(["bias.name=nope"],
-                                "unknown position scheme 'nope'; available: alibi, cope, dape, fire,"),
+    "unknown_scheme_name": Case(
+        ["bias.name=nope"], "unknown position scheme 'nope'; available: alibi, cope, dape, fire,"),
     "t5_one_bucket": Case(["bias=t5", "bias.num_buckets=1"],
                           "num_buckets must be an integer >= 2, got 1"),
     "fire_negative_threshold": Case(["bias=fire", "bias.threshold=-1"],

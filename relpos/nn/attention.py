@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from relpos.positions.base import SCORE_HOOKS, ScoreBlock
+from relpos.positions.base import SCORE_HOOKS, CumulativeBias, ScoreBlock  # noqa: F401
 
 Bias = jax.Array | Callable[[jax.Array, jax.Array], jax.Array] | None
 IMPLS = ("auto", "dense", "blockwise", "cudnn")
@@ -170,27 +170,6 @@ def _add_batch_shared_jvp(primals, tangents):
     ones = jnp.ones((x.shape[0],), db.dtype)
     db = jnp.einsum("b,...->b...", ones, db, precision=jax.lax.Precision.HIGHEST)
     return out, (dx + db).astype(out.dtype)
-
-
-@dataclasses.dataclass(frozen=True)
-class CumulativeBias:
-    """A token bias given by its increments: ``c_t = sum_{l <= t} increments_l``
-    (``[B, T, H]``), what a ``token_bias`` hook may return instead of ``c`` itself (FoX).
-
-    Why: a cumulative sum reaches hundreds in magnitude (FoX's log forget gates sum to
-    ~ -870 over 1024 tokens), where fp32 keeps ~6e-5 absolute; ``c_i - c_j`` of nearby
-    tokens (the pairs the softmax weighs) then carries that error, and its gradient, a
-    reverse cumulative sum of row and column sums over the whole window, amplifies the
-    rounding of every entry by the window length (dense and blockwise gate gradients
-    2.3e-4 and 6.8e-4 from float64 at T = 1024). From the increments each path sums
-    ``c_i - c_j = sum_{l = j+1 .. i} increments_l`` relative to the first query of each
-    query block (:func:`_relative_cumsum`): the subtracted numbers are those sums
-    themselves, and a gradient crosses at most one block of queries."""
-
-    increments: jax.Array
-
-    def astype(self, dtype) -> CumulativeBias:
-        return CumulativeBias(self.increments.astype(dtype))
 
 
 def _relative_cumsum(inc: jax.Array, ref) -> jax.Array:

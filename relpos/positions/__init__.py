@@ -9,6 +9,7 @@ the softmax use the score hooks of :mod:`relpos.positions.base`.
 from relpos.positions.base import (
     LAYER_HOOKS,
     SCORE_HOOKS,
+    CumulativeBias,
     PositionScheme,
     PositionTable,
     RelposConfigError,
@@ -24,6 +25,6 @@ from relpos.positions import (  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "LAYER_HOOKS", "SCORE_HOOKS", "PositionTable", "PositionScheme", "RelposConfigError",
-    "ScoreBlock",
+    "CumulativeBias", "ScoreBlock",
     "available", "build", "lookup", "options_of", "register",
 ]

@@ -10,7 +10,7 @@ the logits by the gates between key and query::
     logit_ij += sum_{l = j+1 .. i} log f_l = c_i - c_j,   c_t = sum_{l <= t} log f_l
 
 A separable per-token bias, so a ``token_bias`` hook, returned as the increments
-``log f [B, T, H]`` (a :class:`relpos.nn.attention.CumulativeBias`) rather than ``c``:
+``log f [B, T, H]`` (a :class:`relpos.positions.base.CumulativeBias`) rather than ``c``:
 ``c_t`` reaches hundreds (about -870 at T = 1024 for gates drawn at initialisation),
 where fp32 keeps ~6e-5, so ``c_i - c_j`` of nearby tokens and, worse, its gradient (a
 reverse cumulative sum over the window, the official kernel's way too) lose precision:
@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from relpos.layers import Linear
-from relpos.positions.base import PositionScheme, check_positive_int
+from relpos.positions.base import CumulativeBias, PositionScheme, check_positive_int
 from relpos.positions.registry import register
 
 
@@ -53,9 +53,6 @@ class ForgettingGate(PositionScheme):
                            param_dtype=jnp.float32, rngs=rngs)
 
     def token_bias(self, x: jax.Array, positions: jax.Array, layer: int):
-        """``CumulativeBias(log f [B, T, H])`` (relpos.nn.attention imports the schemes'
-        base module, hence the import here)."""
-        from relpos.nn.attention import CumulativeBias
-
+        """``CumulativeBias(log f [B, T, H])``."""
         del positions, layer
         return CumulativeBias(jax.nn.log_sigmoid(self.gate(x.astype(jnp.float32))))
