@@ -25,13 +25,13 @@ def make(scheme, **cfg):
     return TransformerLM(cfg, scheme, OPTIONS.get(scheme), rngs=nnx.Rngs(0))
 
 
-def randomize_tables(model, seed=1):
+def randomize_tables(model, seed=1, std=0.3):
     """Untrained tables start near zero; give every parameter visible values so the
     tests would notice a scheme that silently ignores its positions."""
     graphdef, state = nnx.split(model)
     leaves, treedef = jax.tree.flatten(state)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    leaves = [x + 0.3 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+    leaves = [x + std * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
     return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
 
 
@@ -68,7 +68,10 @@ def test_jit_equals_eager(scheme):
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_blockwise_equals_dense_at_32x(scheme):
-    model = randomize_tables(make(scheme, block_size=128))
+    # CoPE's positions are sums of up to npos gates, summed in another order by each path
+    # (fp32: ~3e-5 apart near the clamp), times q.e: its parameters are drawn at 0.1 as in
+    # test_content_schemes' T = 1024 check (CoPE's embeddings start at zero).
+    model = randomize_tables(make(scheme, block_size=128), std=0.1 if scheme == "cope" else 0.3)
     x = tokens(1, 32 * TRAIN_LENGTH)
     hidden = nnx.jit(lambda m, x, impl: m.hidden(x, impl=impl), static_argnums=2)
     dense = hidden(model, x, "dense")
