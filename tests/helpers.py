@@ -2,9 +2,11 @@
 composing configs, comparing pytrees, the built-in scheme names (imported as ``helpers``;
 tests/ is on sys.path)."""
 
+import contextlib
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +18,7 @@ from hydra import compose, initialize_config_dir
 from relpos import positions
 from relpos.config import register_schemas
 from relpos.io import config_dir
+from relpos.training.checkpoint import Checkpoints
 
 register_schemas()
 
@@ -117,3 +120,21 @@ def loss_rows(run_dir: Path) -> list[dict]:
 
 def eval_by_key(results: dict) -> dict:
     return {(e["mode"], e["length"]): e for e in results["eval"]}
+
+
+@contextlib.contextmanager
+def sigterm_after_checkpoint(monkeypatch, at_step: int):
+    """Within the block, the process sends itself SIGTERM right after the checkpoint of
+    ``at_step`` is saved (as a scheduler's preemption would arrive)."""
+    save = Checkpoints.save
+
+    def save_then_signal(self, step, state, meta):
+        save(self, step, state, meta)
+        if step == at_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Checkpoints, "save", save_then_signal)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(Checkpoints, "save", save)

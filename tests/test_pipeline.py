@@ -11,10 +11,8 @@ corrupt checkpoints) in ``test_reliability.py``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import signal
 
 import jax
@@ -29,13 +27,13 @@ from helpers import (
     eval_by_key,
     loss_rows,
     restore_state,
+    sigterm_after_checkpoint,
 )
 
 from relpos import evaluation as eval_lib
 from relpos import runs as train_lib
 from relpos.config import build_model, register_schemas
 from relpos.errors import RelposError
-from relpos.training.checkpoint import Checkpoints
 from relpos.training.loop import Preempted
 
 register_schemas()
@@ -127,24 +125,6 @@ def test_multirun_two_schemes_then_plot(ws):
 
 
 # ----------------------------------------------------------------------------- resume
-
-
-@contextlib.contextmanager
-def sigterm_after_checkpoint(monkeypatch, at_step: int):
-    """Within the block, the process sends itself SIGTERM right after the checkpoint of
-    ``at_step`` is saved (as a scheduler's preemption would arrive)."""
-    save = Checkpoints.save
-
-    def save_then_signal(self, step, state, meta):
-        save(self, step, state, meta)
-        if step == at_step:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(Checkpoints, "save", save_then_signal)
-    try:
-        yield
-    finally:
-        monkeypatch.setattr(Checkpoints, "save", save)
 
 
 def test_interrupted_run_resumes_to_the_same_end(ws, monkeypatch):

@@ -6,12 +6,9 @@ to copy."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import re
-import signal
 import subprocess
 
 import numpy as np
@@ -22,6 +19,7 @@ from helpers import (
     cli_argv,
     compose_train,
     restore_state,
+    sigterm_after_checkpoint,
     write_corpus,
 )
 from hydra import compose, initialize_config_dir
@@ -32,7 +30,6 @@ from relpos.config import build_model
 from relpos.errors import RelposError
 from relpos.io import config_dir
 from relpos.tasks.passkey import QUESTION
-from relpos.training.checkpoint import Checkpoints
 from relpos.training.loop import Preempted
 from relpos.training.step import WeightedTokens, lm_loss
 
@@ -237,22 +234,6 @@ def test_wilson_interval_matches_the_formula():
 
 
 # ----------------------------------------------------------------------------- runs
-
-
-@contextlib.contextmanager
-def sigterm_after_checkpoint(monkeypatch, at_step: int):
-    save = Checkpoints.save
-
-    def save_then_signal(self, step, state, meta):
-        save(self, step, state, meta)
-        if step == at_step:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(Checkpoints, "save", save_then_signal)
-    try:
-        yield
-    finally:
-        monkeypatch.setattr(Checkpoints, "save", save)
 
 
 TASK_RUN = ["task=assoc_recall", "task.keys=64", "train.steps=20", "train.log_every=5",
