@@ -300,14 +300,7 @@ def _train(cfg, run_dir: Path, closing: contextlib.ExitStack) -> dict[str, Any]:
     results["position_coverage"] = evaluation.table_coverage(
         model, build_model(cfg, corpus.vocab_size), train_length=t.length, train_steps=t.steps,
         randomized=bool(t.randomized_positions))
-    if task is None:
-        results["eval"] = evaluation.evaluate(model, corpus.val, train_length=t.length,
-                                              ecfg=cfg.eval)
-        results["attention_far_mass"] = evaluation.attention_far_mass(
-            model, corpus.val, train_length=t.length, ecfg=cfg.eval,
-            windows=cfg.eval.attention_windows)
-    results["eval"] = results.get("eval", []) + task_evaluations(model, task, corpus,
-                                                                  t.length, cfg.eval)
+    results.update(evaluations(model, task, corpus, t.length, cfg.eval))
     profile = evaluation.save_bias_profile(
         model, run_dir / "bias_profile.json", train_length=t.length,
         max_length=max(e["length"] for e in results["eval"]))
@@ -402,14 +395,9 @@ def evaluate_run(cfg) -> dict:
                "bias": name, "bias_options": opts, "train_length": L,
                "seed": tcfg.seed, "label": label, "checkpoint_step": step,
                "bias_overrides": plain(cfg.bias_overrides) or None}
-    if task is None:
-        results["eval"] = evaluation.evaluate(model, corpus.val, train_length=L, ecfg=cfg.eval)
-        results["attention_far_mass"] = evaluation.attention_far_mass(
-            model, corpus.val, train_length=L, ecfg=cfg.eval, windows=cfg.eval.attention_windows)
     if task is not None:
         results.update(task=task.name, task_options=task.options())
-    results["eval"] = results.get("eval", []) + task_evaluations(model, task, corpus, L,
-                                                                  cfg.eval)
+    results.update(evaluations(model, task, corpus, L, cfg.eval))
     if callable(getattr(model.position, "bias", None)):  # of the scheme as evaluated
         results["bias_profile"] = evaluation.bias_profile(
             model, train_length=L, max_length=max(test_lengths(cfg.eval, L, task)))
@@ -489,6 +477,20 @@ def task_sampler(cfg, task, train_tokens):
     return lambda step: WeightedTokens(*tasks_lib.train_batch(
         task, seed=cfg.seed, step=step, batch_size=cfg.train.batch_size,
         length=cfg.train.length, source=source))
+
+
+def evaluations(model, task, corpus, train_length: int, ecfg) -> dict:
+    """A run's ``eval`` entries (perplexity for the LM, then any task or passkey
+    accuracies) and, for the LM, its ``attention_far_mass``."""
+    out = {"eval": []}
+    if task is None:
+        out["eval"] = evaluation.evaluate(model, corpus.val, train_length=train_length,
+                                          ecfg=ecfg)
+        out["attention_far_mass"] = evaluation.attention_far_mass(
+            model, corpus.val, train_length=train_length, ecfg=ecfg,
+            windows=ecfg.attention_windows)
+    out["eval"] += task_evaluations(model, task, corpus, train_length, ecfg)
+    return out
 
 
 def task_evaluations(model, task, corpus, train_length: int, ecfg) -> list[dict]:
