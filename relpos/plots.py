@@ -295,14 +295,16 @@ def _log2_x(ax, train_length: int, label: str) -> None:
     ax.grid(alpha=0.3, which="both")
 
 
-def _curve(g: dict, lab: str, relative: bool):
+def _curve(g: dict, lab: str, relative: bool, train_length: int | None = None):
     """Lengths, mean, lo, hi over seeds of ``g[lab]`` (relative: each run divided by its
-    own perplexity at the shortest length, then averaged)."""
+    own perplexity at the training length, or at the shortest length when the training
+    length was not evaluated, then averaged)."""
     Ls = sorted(g[lab])
     rows = np.array([g[lab][L] for L in Ls if len(g[lab][L]) == len(g[lab][Ls[0]])])
     Ls = Ls[:len(rows)]
     if relative:
-        rows = rows / rows[:1]
+        ref = Ls.index(train_length) if train_length in Ls else 0
+        rows = rows / rows[ref:ref + 1]
     stats = np.array([seed_interval(r) for r in rows])
     return Ls, stats[:, 0], stats[:, 1], stats[:, 2], rows.shape[1]
 
@@ -320,7 +322,7 @@ def plot_ppl_vs_length(results: list[dict], path: Path, title: str = "") -> None
         for row, relative in enumerate((False, True)):
             ax, shown = axes[row][col], []
             for lab in labels:
-                Ls, mean, lo, hi, n = _curve(g, lab, relative)
+                Ls, mean, lo, hi, n = _curve(g, lab, relative, train_length)
                 if n == 1 and not relative and all((cis[lab].get(L) or [None])[0] for L in Ls):
                     lo = np.array([cis[lab][L][0][0] for L in Ls])
                     hi = np.array([cis[lab][L][0][1] for L in Ls])
