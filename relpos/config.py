@@ -137,6 +137,9 @@ class EvalSection:
     progress: bool = True  # a progress bar over the evaluation's windows
     # windows per length > L for the attention mass on keys at offsets >= L (0: off)
     attention_windows: int = 16
+    # > 0: evaluate with keys at offsets >= key_window masked, whatever the scheme (does
+    # the model use context beyond W? compare with key_window=0); 0: off
+    key_window: int = 0
     # Length-generalization tasks (relpos.tasks): a task run (task != lm) is tested at
     # task_multiples x train.length on task_examples sequences per length; passkey=true
     # adds passkey retrieval to an LM's evaluation (task=lm, no task training) at the

@@ -390,8 +390,11 @@ def evaluate_run(cfg) -> dict:
     label = cfg.label or base.get("label") or default_label(name, tcfg.optim)
     if cfg.bias_overrides and not cfg.label:  # another scheme setting: another curve
         label += " (" + ", ".join(f"{k}={v}" for k, v in plain(cfg.bias_overrides).items()) + ")"
+    if cfg.eval.key_window and not cfg.label:
+        label += f" (keys < {cfg.eval.key_window})"
     L = tcfg.train.length
-    results = {**{k: v for k, v in base.items() if k not in ("eval", "attention_far_mass")},
+    results = {**{k: v for k, v in base.items()
+                  if k not in ("eval", "attention_far_mass", "key_window")},
                "bias": name, "bias_options": opts, "train_length": L,
                "seed": tcfg.seed, "label": label, "checkpoint_step": step,
                "bias_overrides": plain(cfg.bias_overrides) or None}
@@ -481,8 +484,12 @@ def task_sampler(cfg, task, train_tokens):
 
 def evaluations(model, task, corpus, train_length: int, ecfg) -> dict:
     """A run's ``eval`` entries (perplexity for the LM, then any task or passkey
-    accuracies) and, for the LM, its ``attention_far_mass``."""
+    accuracies) and, for the LM, its ``attention_far_mass``; with ``eval.key_window`` W,
+    of the model with keys at offsets >= W masked (and ``key_window`` recorded)."""
     out = {"eval": []}
+    if ecfg.key_window:
+        model = evaluation.with_key_window(model, ecfg.key_window)
+        out["key_window"] = ecfg.key_window
     if task is None:
         out["eval"] = evaluation.evaluate(model, corpus.val, train_length=train_length,
                                           ecfg=ecfg)

@@ -205,3 +205,28 @@ def test_logits_equal_hidden_times_output_matrix(tie):
     got = model.logits(h)
     assert got.shape == (2, 5, 11) and got.dtype == jnp.float32
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+# one scheme of each mechanism: embedding, rotation, bias, and every score hook
+WINDOW_CASES = ([(s, "blockwise") for s in ("sinusoidal", "rope", "alibi", "fire", "cope", "dape",
+                                              "fox", "ssmax", "stickbreaking")]
+                + [(s, "dense") for s in ("alibi", "cope", "ssmax")])
+
+
+@pytest.mark.parametrize("scheme,impl", WINDOW_CASES)
+def test_attention_window_equals_the_truncated_context(scheme, impl):
+    """``attention_window`` W: in a one-layer model the logits at query i equal those of
+    the model run on its last W tokens alone, at their own positions (the oracle of a
+    window), for every scheme: the hooks see the window in their mask, so CoPE counts
+    and stick-breaking breaks sticks within it."""
+    t, w = 24, 5
+    model = randomize_tables(make(scheme, num_layers=1, block_size=8))
+    windowed = randomize_tables(make(scheme, num_layers=1, block_size=8, attention_window=w))
+    x = tokens(1, t)
+    pos = jnp.arange(t, dtype=jnp.int32)
+    got = np.asarray(windowed(x, pos, impl=impl))
+    assert np.isfinite(got).all()
+    for i in (0, 3, w - 1, w, 13, t - 1):
+        lo = max(0, i - w + 1)
+        want = np.asarray(model(x[:, lo:i + 1], pos[lo:i + 1], impl="dense"))[:, -1]
+        np.testing.assert_allclose(got[:, i], want, rtol=2e-5, atol=2e-5, err_msg=f"i={i}")

@@ -20,6 +20,7 @@ from relpos.evaluation import (
     table_coverage,
     target_blocks,
     window_plan,
+    with_key_window,
 )
 from relpos.model import ModelConfig, TransformerLM
 from relpos.nn.attention import attention_weights, blockwise_attention, dense_attention
@@ -154,6 +155,18 @@ def test_attention_far_mass_is_zero_for_a_window_and_matches_a_naive_sum():
     masked = far_mass_model("offset", size=L, policy="mask", init_std=0.5)
     (entry,) = attention_far_mass(masked, val, train_length=L, ecfg=ecfg, windows=4)
     assert entry["length"] == T and entry["windows"] == 4 and entry["mean"] == 0.0
+
+    # eval.key_window = L: the same table with clip and keys >= L masked is the mask
+    # policy exactly, and no scheme then puts mass beyond L
+    clip = far_mass_model("offset", size=L, policy="clip", init_std=0.5)
+    tokens = jnp.asarray(val[:T][None], jnp.int32)
+    np.testing.assert_allclose(with_key_window(clip, L)(tokens), masked(tokens), atol=1e-5)
+    assert not np.allclose(clip(tokens), masked(tokens), atol=1e-3)
+    assert with_key_window(clip, 0) is clip
+    for m in (clip, far_mass_model("none")):
+        (entry,) = attention_far_mass(with_key_window(m, L), val, train_length=L, ecfg=ecfg,
+                                      windows=2)
+        assert entry["mean"] == 0.0
 
     model = far_mass_model("none")  # naive: the layers' probabilities, summed by hand
     (entry,) = attention_far_mass(model, val, train_length=L, ecfg=ecfg, windows=4)

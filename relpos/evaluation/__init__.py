@@ -15,6 +15,7 @@ from relpos.evaluation.protocols import (
     ratio_ci,
     target_blocks,
     window_plan,
+    with_key_window,
 )
 from relpos.evaluation.tasks import (
     check_task_eval,
@@ -31,4 +32,4 @@ __all__ = ["MODES", "attention_far_mass", "bias_profile", "check_eval_config", "
            "quick_val_loss", "ratio_ci", "save_bias_profile", "table_coverage", "target_blocks",
            "window_plan", "check_task_eval", "evaluate_passkey", "evaluate_task", "passkey_lengths",
            "score_task_length", "task_lengths",
-           "wilson_interval"]
+           "wilson_interval", "with_key_window"]

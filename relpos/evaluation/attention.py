@@ -34,11 +34,11 @@ def _far_mass_fn(graphdef, train_length: int):
         model = nnx.merge(graphdef, params)
         out = []
 
-        def observe(layer, *, q, k, bias, positions, bias_inside_scale):
+        def observe(layer, *, q, k, bias, positions, bias_inside_scale, window=0):
             del layer
             p = attention_weights(q, k, bias=bias, q_pos=positions, k_pos=positions,
-                                  scale=q.shape[-1] ** -0.5,
-                                  bias_inside_scale=bias_inside_scale)  # [1, H, T, T]
+                                  scale=q.shape[-1] ** -0.5, bias_inside_scale=bias_inside_scale,
+                                  window=window)  # [1, H, T, T]
             t = p.shape[-1]
             pos = jnp.arange(t)
             far = (pos[:, None] - pos[None, :]) >= train_length  # offset >= L

@@ -63,6 +63,22 @@ def check_eval_config(ecfg) -> None:
                           f"diagnostic), got {ecfg.attention_windows}")
     if ecfg.stride < 0:
         raise RelposError(f"eval.stride must be >= 0 (0: half the window), got {ecfg.stride}")
+    if getattr(ecfg, "key_window", 0) < 0:
+        raise RelposError("eval.key_window must be >= 0 (0: the whole context; W: keys at "
+                          f"offsets >= W masked), got {ecfg.key_window}")
+
+
+def with_key_window(model, window: int):
+    """``model`` (unchanged) if ``window`` is 0, else a copy sharing its parameters whose
+    attention masks keys at offsets ``>= window`` in every layer, whatever its position
+    scheme (``ModelConfig.attention_window``): the control for whether a model uses
+    context beyond ``window``."""
+    if not window:
+        return model
+    graphdef, state = nnx.split(model)
+    out = nnx.merge(graphdef, state)
+    out.cfg = dataclasses.replace(out.cfg, attention_window=int(window))
+    return out
 
 
 def _stride(ecfg, length: int) -> int:

@@ -141,6 +141,13 @@ def _causal_mask(q_idx: jax.Array, k_idx: jax.Array) -> jax.Array:
     return k_idx[None, :] <= q_idx[:, None]
 
 
+def _within(q_pos: jax.Array, k_pos: jax.Array, window: int) -> jax.Array:
+    """Keys at offsets ``q_pos - k_pos < window``: ``[Tq, Tk]``, or ``[B, 1, Tq, Tk]``
+    for positions per example (broadcasts against ``[B, H, Tq, Tk]`` scores)."""
+    near = (q_pos[..., :, None] - k_pos[..., None, :]) < window
+    return near[:, None] if near.ndim == 3 else near
+
+
 @jax.custom_jvp
 def add_batch_shared(x: jax.Array, b: jax.Array) -> jax.Array:
     """``x [B, ...] + b [...]``, ``b`` broadcast over the batch (``b.ndim == x.ndim - 1``).
@@ -228,7 +235,7 @@ class LayerScores:
 
 
 def _tile(q_blk, k_blk, *, bias_blk, q_pos, k_pos, q_idx, k_idx, tk, scale, inside,
-          hooks: ScoreHooks, c_q, c_k, carry):
+          hooks: ScoreHooks, c_q, c_k, carry, window: int = 0):
     """Masked logits ``[B, H, bq, bk]`` of one tile with every score hook applied, the
     log-weights of a normaliser (None for softmax) and the hooks' new carry
     ``(modify_logits', normalize')``. ``c_q [B, bq, H]``, ``c_k [B, bk, H]``: token bias."""
@@ -238,12 +245,15 @@ def _tile(q_blk, k_blk, *, bias_blk, q_pos, k_pos, q_idx, k_idx, tk, scale, insi
         logits = logits + (jnp.swapaxes(c_q, 1, 2)[..., :, None]
                            - jnp.swapaxes(c_k, 1, 2)[..., None, :])
     mask = _causal_mask(q_idx, k_idx) & (k_idx < tk)[None, :]
+    if window:  # the hooks see the window as part of the mask (CoPE counts within it)
+        mask = mask & _within(q_pos, k_pos, window)
     blk = ScoreBlock(q_blk, k_blk, raw, logits, q_pos, k_pos, q_idx, k_idx, mask, scale)
     carry_m, carry_n = carry
     if hooks.modify_logits is not None:
         logits, carry_m = hooks.modify_logits(blk, carry_m)
     if hooks.logit_scale is not None:
-        f = hooks.logit_scale(q_pos, (q_idx + 1).astype(jnp.int32)).astype(jnp.float32)
+        n = q_idx + 1 if not window else jnp.minimum(q_idx + 1, window)  # keys attended
+        f = hooks.logit_scale(q_pos, n.astype(jnp.int32)).astype(jnp.float32)
         logits = logits * (f[None] if f.ndim == 2 else f)[..., None]
     logits = jnp.where(mask, logits, -jnp.inf)
     log_w = None
@@ -259,7 +269,8 @@ def _weights(logits, log_w):
 
 
 def _hooked_dense(q, k, v, *, bias, q_pos, k_pos, scale, bias_inside_scale, hooks,
-                  query_block: int, max_query_blocks: int | None, weights_only=False):
+                  query_block: int, max_query_blocks: int | None, weights_only=False,
+                  window: int = 0):
     """Dense path for a layer with score hooks: per causal query block (as
     :func:`dense_attention`), one tile over all its keys, ``carry=None``."""
     b_, tq, h, d = q.shape
@@ -284,7 +295,7 @@ def _hooked_dense(q, k, v, *, bias, q_pos, k_pos, scale, bias_inside_scale, hook
             k_pos=k_pos[..., :keys], q_idx=jnp.arange(start, stop) + offset,
             k_idx=jnp.arange(keys), tk=tk, scale=scale, inside=bias_inside_scale, hooks=hooks,
             c_q=None if cb is None else cb[:, offset + start:offset + stop],
-            c_k=None if cb is None else cb[:, :keys], carry=(None, None))
+            c_k=None if cb is None else cb[:, :keys], carry=(None, None), window=window)
         w = _weights(logits, log_w)
         if weights_only:
             if log_w is not None:  # the remainder sits on the query's own key
@@ -304,7 +315,7 @@ def _hooked_dense(q, k, v, *, bias, q_pos, k_pos, scale, bias_inside_scale, hook
 
 def dense_attention(q, k, v, *, bias, q_pos, k_pos, scale, bias_inside_scale=False,
                     query_block: int = 64, max_query_blocks: int | None = None,
-                    hooks: ScoreHooks | None = None):
+                    hooks: ScoreHooks | None = None, window: int = 0):
     """Reference path. q: [B, Tq, H, d]; k, v: [B, Tk, H, d] -> [B, Tq, H, d].
 
     Queries are processed in up to ``max_query_blocks`` static blocks (of at least
@@ -318,12 +329,15 @@ def dense_attention(q, k, v, *, bias, q_pos, k_pos, scale, bias_inside_scale=Fal
     if hooks is not None and hooks.names():
         return _hooked_dense(q, k, v, bias=bias, q_pos=q_pos, k_pos=k_pos, scale=scale,
                              bias_inside_scale=bias_inside_scale, hooks=hooks,
-                             query_block=query_block, max_query_blocks=max_query_blocks)
+                             query_block=query_block, max_query_blocks=max_query_blocks,
+                             window=window)
     tq, tk = q.shape[1], k.shape[1]
     offset = tk - tq
     # The causal mask and the bias fold into one additive [.., Tq, Tk] term, and the
     # einsums run in [B, H, T, d] layout: 0.94-0.96x step time on CPU (benchmarks/).
     mask = _causal_mask(jnp.arange(tq) + offset, jnp.arange(tk))
+    if window:
+        mask = mask & _within(q_pos, k_pos, window)
     add = jnp.where(mask, 0.0, -jnp.inf).astype(jnp.float32)
     b = evaluate_bias(bias, q_pos, k_pos)
     if b is not None:
@@ -348,7 +362,8 @@ def dense_attention(q, k, v, *, bias, q_pos, k_pos, scale, bias_inside_scale=Fal
     return jnp.swapaxes(out, 1, 2).astype(q.dtype)
 
 
-def attention_weights(q, k, *, bias, q_pos, k_pos, scale, bias_inside_scale=False):
+def attention_weights(q, k, *, bias, q_pos, k_pos, scale, bias_inside_scale=False,
+                      window: int = 0):
     """The dense causal attention weights ``[B, H, Tq, Tk]`` fp32 (what
     :func:`dense_attention` multiplies the values by), for diagnostics such as the
     attention mass on keys beyond the training length. ``bias`` may be a
@@ -360,9 +375,11 @@ def attention_weights(q, k, *, bias, q_pos, k_pos, scale, bias_inside_scale=Fals
         return _hooked_dense(q, k, None, bias=bias.bias, q_pos=q_pos, k_pos=k_pos,
                              scale=scale, bias_inside_scale=bias_inside_scale,
                              hooks=bias.hooks, query_block=1, max_query_blocks=1,
-                             weights_only=True)
+                             weights_only=True, window=window)
     tq, tk = q.shape[1], k.shape[1]
     mask = _causal_mask(jnp.arange(tq) + tk - tq, jnp.arange(tk))
+    if window:
+        mask = mask & _within(q_pos, k_pos, window)
     s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     s = _add_bias(s, evaluate_bias(bias, q_pos, k_pos), scale, bias_inside_scale)
     return jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1)
@@ -380,7 +397,7 @@ def _pad_to(x: jax.Array, axis: int, multiple: int, mode: str = "constant"):
 
 def blockwise_attention(q, k, v, *, bias, q_pos, k_pos, scale, bias_inside_scale=False,
                         block_q: int = 512, block_k: int = 512,
-                        hooks: ScoreHooks | None = None):
+                        hooks: ScoreHooks | None = None, window: int = 0):
     """Online-softmax attention over key blocks; never materialises ``[Tq, Tk]``.
 
     The bias callable is evaluated per (query block, key block) from the blocks'
@@ -447,7 +464,7 @@ def blockwise_attention(q, k, v, *, bias, q_pos, k_pos, scale, bias_inside_scale
             c_q=(jax.lax.dynamic_slice_in_dim(u, qi * block_q + offset, block_q, axis=1)
                  if cumulative else None if c is None else sl(c_qp, qi, block_q)),
             c_k=(sl(u, kj, block_k) if cumulative else None if c is None
-                 else sl(c_kp, kj, block_k)), carry=carry)
+                 else sl(c_kp, kj, block_k)), carry=carry, window=window)
 
     normalize = hooks.normalize is not None
 
@@ -513,7 +530,7 @@ def cudnn_attention(q, k, v, *, bias, q_pos, k_pos, scale, bias_inside_scale=Fal
 def causal_attention(q, k, v, *, q_pos, k_pos, bias: Bias = None, scale: float | None = None,
                      bias_inside_scale: bool = False, impl: str = "auto",
                      block_size: int = 512, dense_max_len: int = 2048,
-                     hooks: ScoreHooks | None = None):
+                     hooks: ScoreHooks | None = None, window: int = 0):
     """Causal attention with an additive position bias.
 
     Args:
@@ -527,6 +544,8 @@ def causal_attention(q, k, v, *, q_pos, k_pos, bias: Bias = None, scale: float |
         gradient passed :func:`cudnn_bias_grad_ok`).
       hooks: a layer's :class:`ScoreHooks` (dense and blockwise only; ``auto`` never
         picks cuDNN for them, and ``impl="cudnn"`` refuses them).
+      window: > 0: keys at offsets ``q_pos - k_pos >= window`` are masked as the future
+        is (dense and blockwise; the hooks see it in their mask); 0: none.
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
@@ -536,16 +555,20 @@ def causal_attention(q, k, v, *, q_pos, k_pos, bias: Bias = None, scale: float |
     impl = choose_impl(impl, length=k.shape[1], dtype=q.dtype, dense_max_len=dense_max_len,
                        learned_bias=bias is not None,
                        batched_bias=jnp.ndim(q_pos) == 2 or jnp.ndim(k_pos) == 2,
-                       head_dim=q.shape[-1], score_hooks=bool(hooks and hooks.names()))
+                       head_dim=q.shape[-1],
+                       score_hooks=bool(hooks and hooks.names()) or bool(window))
     if impl == "cudnn" and hooks is not None and hooks.names():
         raise ValueError(f"attention impl 'cudnn' cannot evaluate the {', '.join(hooks.names())} "
                          f"hook of position scheme {hooks.owner!r}; use impl dense or "
                          f"blockwise (auto picks one)")
+    if impl == "cudnn" and window:
+        raise ValueError(f"attention impl 'cudnn' has no attention window (window={window}); "
+                         "use impl dense or blockwise")
     kw = dict(bias=bias, q_pos=jnp.asarray(q_pos), k_pos=jnp.asarray(k_pos), scale=scale,
               bias_inside_scale=bias_inside_scale)
     if impl == "dense":
-        return dense_attention(q, k, v, hooks=hooks, **kw)
+        return dense_attention(q, k, v, hooks=hooks, window=window, **kw)
     if impl == "blockwise":
         return blockwise_attention(q, k, v, block_q=block_size, block_k=block_size,
-                                   hooks=hooks, **kw)
+                                   hooks=hooks, window=window, **kw)
     return cudnn_attention(q, k, v, **kw)

@@ -50,11 +50,16 @@ class ModelConfig:
     attn_impl: str = "auto"  # auto | dense | blockwise | cudnn
     block_size: int = 512  # blockwise attention block (queries and keys)
     dense_max_len: int = 2048  # auto switches to blockwise beyond this length
+    # > 0: every query attends only to keys at offsets < attention_window, whatever the
+    # scheme (a sliding attention window; with eval.key_window, a control of whether a
+    # model uses context beyond W); 0: the whole causal context
+    attention_window: int = 0
 
     def validate(self) -> ModelConfig:
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_ratio",
                      "block_size", "dense_max_len"):
             check_positive_int(f"model.{name}", getattr(self, name))
+        check_positive_int("model.attention_window", self.attention_window, minimum=0)
         if self.d_model % self.num_heads:
             raise RelposConfigError(
                 f"model.num_heads={self.num_heads} must divide model.d_model={self.d_model}"
@@ -115,7 +120,8 @@ class Block(nnx.Module):
         hooks = None if scheme is None else score_hooks(scheme, layer, h, positions)
         if observe is not None:  # diagnostics: see what this layer's attention sees
             observe(q=q, k=k, bias=bias if hooks is None else LayerScores(bias, hooks),
-                    positions=positions, bias_inside_scale=attn_kw["bias_inside_scale"])
+                    positions=positions, bias_inside_scale=attn_kw["bias_inside_scale"],
+                    window=attn_kw["window"])
         a = causal_attention(q, k, v, q_pos=positions, k_pos=positions, bias=bias,
                              hooks=hooks, **attn_kw)
         x = x + self.out(a.reshape(b, t, -1))
@@ -172,7 +178,8 @@ class TransformerLM(nnx.Module):
         rotate = self.position.rotate if _has(self.position, "rotate") else None
         impl = self.attention_impl(t, batched=positions.ndim == 2, impl=impl)
         attn_kw = dict(bias_inside_scale=cfg.bias_inside_scale, impl=impl,
-                       block_size=cfg.block_size, dense_max_len=cfg.dense_max_len)
+                       block_size=cfg.block_size, dense_max_len=cfg.dense_max_len,
+                       window=cfg.attention_window)
         shared_bias = None
         for i, block in enumerate(self.blocks):
             scheme = self._layer_scheme(i)
@@ -192,10 +199,12 @@ class TransformerLM(nnx.Module):
         """The attention path a forward pass over ``length`` tokens takes (``auto``
         resolved); ``batched``: positions per example ([B, T]) rather than shared."""
         cfg = self.cfg
+        # an attention window is a mask cuDNN is not given: the paths with score hooks
         return choose_impl(impl or cfg.attn_impl, length=length, dtype=DTYPES[cfg.dtype],
                            dense_max_len=cfg.dense_max_len, learned_bias=self._learned_bias(),
                            batched_bias=batched, head_dim=cfg.head_dim,
-                           score_hooks=any(_has(self.position, h) for h in SCORE_HOOKS))
+                           score_hooks=bool(cfg.attention_window) or any(
+                               _has(self.position, h) for h in SCORE_HOOKS))
 
     def _learned_bias(self) -> bool:
         scheme = self.position
