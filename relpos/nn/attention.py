@@ -7,7 +7,10 @@
   causal future skipped with ``lax.cond``; memory linear in sequence length;
 * ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")`` on GPU (bf16/fp16
   inputs; the bias is passed as a dense ``[B|1, H, Tq, Tk]`` array in the input dtype,
-  and cuDNN's softmax accumulates in fp32).
+  and cuDNN's softmax accumulates in fp32);
+* ``flash``: a Pallas flash-attention kernel (:mod:`relpos.nn.flash`) that computes the
+  bias inside the kernel from position tiles, with gradients for the scheme's
+  parameters; memory linear in length; Pallas interpret mode off GPU (for testing).
 
 Causality is by *index* (key index <= query index, queries aligned to the last ``Tq``
 keys); positions feed only the position scheme, so sliding windows and randomized
@@ -29,10 +32,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from relpos.nn import flash
 from relpos.positions.base import SCORE_HOOKS, CumulativeBias, ScoreBlock  # noqa: F401
 
-Bias = jax.Array | Callable[[jax.Array, jax.Array], jax.Array] | None
-IMPLS = ("auto", "dense", "blockwise", "cudnn")
+Bias = jax.Array | Callable[[jax.Array, jax.Array], jax.Array] | flash.KernelBias | None
+IMPLS = ("auto", "dense", "blockwise", "cudnn", "flash")
 
 
 def choose_impl(impl: str, *, length: int, dtype, dense_max_len: int,
@@ -50,11 +54,21 @@ def choose_impl(impl: str, *, length: int, dtype, dense_max_len: int,
     warning). ``impl="cudnn"`` skips the check. A scheme with score hooks
     (``score_hooks``: token bias, logit scale, logit modifier, normaliser) cannot be
     expressed as one dense bias, so ``auto`` never gives it cuDNN.
+
+    ``auto`` never picks ``flash`` (the reason logged once per process): off GPU the
+    kernel runs in Pallas interpret mode, which is for testing; on GPU no benchmark has
+    yet measured it faster than the path chosen here.
     """
     if impl not in IMPLS:
         raise ValueError(f"attention impl must be one of {', '.join(IMPLS)}; got {impl!r}")
     if impl != "auto":
         return impl
+    if jax.default_backend() == "gpu":
+        flash.log_not_auto("no relpos-bench measurement has shown the flash kernel faster "
+                           "on GPU yet; keeping the dense/blockwise/cudnn choice")
+    else:
+        flash.log_not_auto(f"on {jax.default_backend()} the kernel runs in Pallas interpret "
+                           "mode, which is for testing")
     if length > dense_max_len:
         return "blockwise"
     if (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
@@ -539,13 +553,17 @@ def causal_attention(q, k, v, *, q_pos, k_pos, bias: Bias = None, scale: float |
       bias: None, an array ``[H|B,H, Tq, Tk]``, or a callable ``(q_pos, k_pos) ->
         [H, len(q_pos), len(k_pos)]`` (evaluated per block on the blockwise path).
       scale: logit scale, default ``1/sqrt(d)``.
-      impl: ``auto | dense | blockwise | cudnn`` (see :func:`choose_impl`; under ``auto``
-        any bias is treated as learned, so cuDNN is used for it only after its bias
-        gradient passed :func:`cudnn_bias_grad_ok`).
-      hooks: a layer's :class:`ScoreHooks` (dense and blockwise only; ``auto`` never
-        picks cuDNN for them, and ``impl="cudnn"`` refuses them).
+      impl: ``auto | dense | blockwise | cudnn | flash`` (see :func:`choose_impl`; under
+        ``auto`` any bias is treated as learned, so cuDNN is used for it only after its
+        bias gradient passed :func:`cudnn_bias_grad_ok`). ``flash`` takes the bias as a
+        :class:`relpos.nn.flash.KernelBias` (:func:`relpos.nn.flash.kernel_bias` of a
+        scheme) or a scheme's bound ``bias`` method (converted so), with gradients for the
+        scheme's parameters; it refuses a dense bias array.
+      hooks: a layer's :class:`ScoreHooks` (dense and blockwise evaluate all of them,
+        flash the token bias only; ``auto`` never picks cuDNN for them, and
+        ``impl="cudnn"`` refuses them).
       window: > 0: keys at offsets ``q_pos - k_pos >= window`` are masked as the future
-        is (dense and blockwise; the hooks see it in their mask); 0: none.
+        is (dense, blockwise and flash; the hooks see it in their mask); 0: none.
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
@@ -564,6 +582,12 @@ def causal_attention(q, k, v, *, q_pos, k_pos, bias: Bias = None, scale: float |
     if impl == "cudnn" and window:
         raise ValueError(f"attention impl 'cudnn' has no attention window (window={window}); "
                          "use impl dense or blockwise")
+    if impl == "flash":
+        return _flash(q, k, v, q_pos=q_pos, k_pos=k_pos, bias=bias, scale=scale,
+                      bias_inside_scale=bias_inside_scale, hooks=hooks, window=window)
+    if isinstance(bias, flash.KernelBias):
+        raise ValueError(f"a flash KernelBias (scheme {bias.owner!r}) needs impl 'flash'; got "
+                         f"impl {impl!r}")
     kw = dict(bias=bias, q_pos=jnp.asarray(q_pos), k_pos=jnp.asarray(k_pos), scale=scale,
               bias_inside_scale=bias_inside_scale)
     if impl == "dense":
@@ -572,3 +596,24 @@ def causal_attention(q, k, v, *, q_pos, k_pos, bias: Bias = None, scale: float |
         return blockwise_attention(q, k, v, block_q=block_size, block_k=block_size,
                                    hooks=hooks, window=window, **kw)
     return cudnn_attention(q, k, v, **kw)
+
+
+def _flash(q, k, v, *, q_pos, k_pos, bias, scale, bias_inside_scale, hooks, window=0):
+    """Dispatch to :func:`relpos.nn.flash.flash_attention` (refusing what it cannot do)."""
+    if hooks is not None and hooks.names():
+        reason = flash.unsupported_score_hooks(hooks.names(), hooks.owner)
+        if reason:
+            raise ValueError(reason)
+    if bias is not None and not isinstance(bias, flash.KernelBias):
+        if not callable(bias):
+            raise ValueError("attention impl 'flash' computes the bias from positions in the "
+                             "kernel; a dense bias array needs impl dense, blockwise or cudnn")
+        scheme = getattr(bias, "__self__", None)  # a scheme's bound bias method
+        if scheme is None or getattr(scheme, "bias", None) != bias:
+            raise ValueError("attention impl 'flash' takes the bias as a scheme's bias method "
+                             "or relpos.nn.flash.kernel_bias(scheme); got another callable")
+        bias = flash.kernel_bias(scheme, q.shape[2], (q_pos, k_pos))
+    return flash.flash_attention(
+        q, k, v, q_pos=q_pos, k_pos=k_pos, bias=bias, scale=scale,
+        bias_inside_scale=bias_inside_scale,
+        token_bias=None if hooks is None else hooks.token_bias, window=window)

@@ -252,17 +252,6 @@ def kernel_bias(scheme, num_heads: int, positions=None) -> KernelBias | None:
     return dataclasses.replace(kb, owner=_name(scheme))
 
 
-def from_callable(bias: Callable, num_heads: int) -> KernelBias:
-    """A plain ``bias(q_pos, k_pos) -> [H, Tq, Tk]`` callable with no traced parameters
-    (e.g. ALiBi's): evaluated per tile for every head, one selected; no gradient."""
-    del num_heads
-
-    def fn(p, hh, qp, kp):
-        del p
-        return jax.lax.dynamic_index_in_dim(bias(qp, kp), hh, axis=0, keepdims=False)
-    return KernelBias(fn, {}, trainable=False, owner=getattr(bias, "__name__", "callable"))
-
-
 # ----------------------------------------------------------------------------- kernels
 
 
@@ -281,6 +270,7 @@ class _Cfg:
     nq: int  # padded block counts
     nk: int
     batched_pos: bool
+    window: int  # > 0: keys at offsets q_pos - k_pos >= window masked too
 
 
 def _logits(cfg: _Cfg, q, k, qpos, kpos, q_idx, k_idx, params, h, cq, ck, want_vjp=False):
@@ -299,6 +289,8 @@ def _logits(cfg: _Cfg, q, k, qpos, kpos, q_idx, k_idx, params, h, cq, ck, want_v
     if cfg.has_c:
         s = s + (cq[:, None] - ck[None, :])
     mask = (k_idx[None, :] <= q_idx[:, None]) & (k_idx < cfg.tk)[None, :]
+    if cfg.window:
+        mask = mask & ((qpos[:, None] - kpos[None, :]) < cfg.window)
     return jnp.where(mask, s, -jnp.inf), vjp
 
 
@@ -570,7 +562,8 @@ def default_interpret() -> bool:
 
 def flash_attention(q, k, v, *, q_pos, k_pos, bias: KernelBias | None = None,
                     token_bias=None, scale: float | None = None, bias_inside_scale=False,
-                    block_q: int = 64, block_k: int = 64, interpret: bool | None = None):
+                    block_q: int = 64, block_k: int = 64, interpret: bool | None = None,
+                    window: int = 0):
     """Causal flash attention with the bias computed in the kernel.
 
     Args:
@@ -583,6 +576,8 @@ def flash_attention(q, k, v, *, q_pos, k_pos, bias: KernelBias | None = None,
       block_q, block_k: tile sizes (powers of two; lowered to the padded length when it is
         shorter).
       interpret: Pallas interpret mode (default: on every backend but GPU).
+      window: > 0: keys at offsets ``q_pos - k_pos >= window`` are masked as the future
+        is (the blocks they fill are still visited); 0: none.
     """
     b, tq, h, d = q.shape
     tk = k.shape[1]
@@ -612,7 +607,7 @@ def flash_attention(q, k, v, *, q_pos, k_pos, bias: KernelBias | None = None,
     cfg = _Cfg(fn=None if bias is None else bias.fn, treedef=treedef,
                trainable=bool(bias is not None and bias.trainable), has_c=has_c,
                scale=float(scale), inside=bool(bias_inside_scale), bq=bq, bk=bk, tq=tq, tk=tk,
-               nq=nq, nk=nk, batched_pos=batched)
+               nq=nq, nk=nk, batched_pos=batched, window=int(window))
     dp = _next_pow2(d)  # Triton tiles: power-of-two head size (zeros change nothing)
     qp, kp, vp = (_pad(_pad(x, 3, dp), 1, n * blk)
                   for x, n, blk in ((q, nq, bq), (k, nk, bk), (v, nk, bk)))

@@ -21,6 +21,7 @@ from flax import nnx
 from relpos import positions
 from relpos.errors import RelposConfigError, check_choice, check_positive_int
 from relpos.layers import Linear, on_rows
+from relpos.nn import flash
 from relpos.nn.attention import (
     IMPLS,
     LayerScores,
@@ -47,7 +48,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype; parameters, bias and softmax stay fp32
     bias_inside_scale: bool = False  # True: (q.k + b)/sqrt(d) as in the seed formula
     share_position: bool = True  # one position module for all layers
-    attn_impl: str = "auto"  # auto | dense | blockwise | cudnn
+    attn_impl: str = "auto"  # auto | dense | blockwise | cudnn | flash
     block_size: int = 512  # blockwise attention block (queries and keys)
     dense_max_len: int = 2048  # auto switches to blockwise beyond this length
     # > 0: every query attends only to keys at offsets < attention_window, whatever the
@@ -153,6 +154,8 @@ class TransformerLM(nnx.Module):
         self.ln_f = nnx.LayerNorm(cfg.d_model, dtype=dt, rngs=rngs)
         self.head = None if cfg.tie_embeddings else Linear(
             cfg.d_model, cfg.vocab_size, use_bias=False, dtype=dt, rngs=rngs)
+        if cfg.attn_impl == "flash":
+            self._check_flash()
 
     def _layer_scheme(self, i: int):
         if i == 0 or not len(self.layer_positions):
@@ -177,6 +180,8 @@ class TransformerLM(nnx.Module):
             x = x + self.position.embed(positions).astype(x.dtype)
         rotate = self.position.rotate if _has(self.position, "rotate") else None
         impl = self.attention_impl(t, batched=positions.ndim == 2, impl=impl)
+        if impl == "flash":
+            self._check_flash()
         attn_kw = dict(bias_inside_scale=cfg.bias_inside_scale, impl=impl,
                        block_size=cfg.block_size, dense_max_len=cfg.dense_max_len,
                        window=cfg.attention_window)
@@ -184,7 +189,9 @@ class TransformerLM(nnx.Module):
         for i, block in enumerate(self.blocks):
             scheme = self._layer_scheme(i)
             bias = scheme.bias if _has(scheme, "bias") else None
-            if bias is not None and impl != "blockwise":
+            if bias is not None and impl == "flash":  # evaluated per tile in the kernel
+                bias = flash.kernel_bias(scheme, cfg.num_heads, (positions, positions))
+            elif bias is not None and impl != "blockwise":
                 # Dense paths: evaluate a shared bias once for all layers.
                 if shared_bias is None or len(self.layer_positions):
                     shared_bias = evaluate_bias(bias, positions, positions)
@@ -205,6 +212,12 @@ class TransformerLM(nnx.Module):
                            batched_bias=batched, head_dim=cfg.head_dim,
                            score_hooks=bool(cfg.attention_window) or any(
                                _has(self.position, h) for h in SCORE_HOOKS))
+
+    def _check_flash(self) -> None:
+        """Refuse, in one line, a scheme the flash kernel cannot evaluate."""
+        reason = flash.unsupported(self.position)
+        if reason:
+            raise RelposConfigError(f"{self.position_name}: {reason}")
 
     def _learned_bias(self) -> bool:
         scheme = self.position
