@@ -169,6 +169,29 @@ def test_causal_and_blocks_skipped():
     changed = attend(k.at[:, t].add(1.0), v.at[:, t].add(1.0))
     np.testing.assert_array_equal(changed[:, :t], base[:, :t])
     assert not np.allclose(changed[:, t:], base[:, t:])
+    # backward: the dq of query block 0 reads key block 0 only
+    dq = jax.jit(jax.grad(lambda q, k, v: causal_attention(
+        q, k, v, q_pos=pos, k_pos=pos, bias=scheme.bias, impl="flash")[:, :64].sum()))
+    poisoned = dq(q, k.at[:, t:].set(jnp.nan), v.at[:, t:].set(jnp.nan))
+    np.testing.assert_array_equal(poisoned[:, :64], dq(q, k, v)[:, :64])
+
+
+def test_memory_is_linear_in_length():
+    """XLA's temp memory for values and gradients (FIRE: an MLP per (i, j) pair) at
+    T = 4096 stays far below one [T, T] fp32 array (64 MiB; the dense path holds
+    several per head)."""
+    graphdef, state = scheme_state("fire")
+    t = 4096
+    q = k = v = jnp.ones((1, t, H, D))
+    pos = jnp.arange(t)
+
+    def loss(state, q, k, v):
+        bias = flash.kernel_bias(nnx.merge(graphdef, state), H)
+        return flash.flash_attention(q, k, v, q_pos=pos, k_pos=pos, bias=bias).sum()
+
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(state, q, k, v).compile(
+        compiler_options={"xla_backend_optimization_level": 0})
+    assert compiled.memory_analysis().temp_size_in_bytes < t * t * 4 / 4
 
 
 def test_refuses_what_it_cannot_evaluate():
