@@ -98,6 +98,12 @@ class TrainSection:
     randomized_positions: int = 0  # >0: Ruoss et al. 2023, positions from [0, N)
     on_nonfinite: str = choice("error", ("error", "skip"), **FREE)
     parallel: str = choice("none", ("none", "data", "fsdp"), **FREE)  # over all devices
+    # where the training windows are gathered: device (the token split on the device once,
+    # windows gathered inside the step), host (built on the host); auto: device for the
+    # corpus LM when the split fits 2 GiB, host for tasks. Either way the batches are a
+    # function of (seed, step), built ahead in a thread (train.prefetch calls ahead)
+    loader: str = choice("auto", ("auto", "device", "host"), **FREE)
+    prefetch: int = field(default=2, metadata=FREE)  # calls prepared ahead; 0: none
     distributed: bool = field(default=False, metadata=FREE)  # jax.distributed.initialize()
     progress: bool = field(default=True, metadata=FREE)
 

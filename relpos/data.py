@@ -300,15 +300,25 @@ def _mkdir(p: Path) -> Path:
 # ----------------------------------------------------------------------------- samplers
 
 
+def window_starts(n_tokens: int, *, seed: int, step: int, batch_size: int,
+                  length: int) -> np.ndarray:
+    """The first token of each of step ``step``'s ``batch_size`` training windows of
+    ``length + 1`` tokens in a split of ``n_tokens`` (int64 ``[batch_size]``); depends only
+    on (seed, step). :func:`train_batch` gathers the windows on the host; the trainer
+    sends only these starts and gathers on the device (the same tokens)."""
+    n = n_tokens - length - 1
+    if n < 0:
+        raise RelposError(
+            f"training split has {n_tokens} tokens, too few for train.length={length}")
+    rng = np.random.default_rng([seed, step])
+    return rng.integers(0, n + 1, size=batch_size)
+
+
 def train_batch(tokens: np.ndarray, *, seed: int, step: int, batch_size: int,
                 length: int) -> np.ndarray:
     """``[batch_size, length + 1]`` int32 windows; depends only on (seed, step)."""
-    n = tokens.shape[0] - length - 1
-    if n < 0:
-        raise RelposError(
-            f"training split has {tokens.shape[0]} tokens, too few for train.length={length}")
-    rng = np.random.default_rng([seed, step])
-    starts = rng.integers(0, n + 1, size=batch_size)
+    starts = window_starts(tokens.shape[0], seed=seed, step=step, batch_size=batch_size,
+                           length=length)
     idx = starts[:, None] + np.arange(length + 1)[None, :]
     return np.asarray(tokens[idx], np.int32)
 

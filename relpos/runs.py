@@ -86,6 +86,11 @@ def check_train_config(cfg) -> None:
             raise RelposError(
                 f"train.steps_per_call={k} must divide {', '.join(bad)}; choose "
                 f"{'one of ' + ', '.join(map(str, fits)) if fits else '1'}, or null (auto)")
+    check_positive_int("train.prefetch", t.prefetch, minimum=0)
+    if t.loader == "device" and task_of(cfg) is not None:
+        raise RelposError(f"train.loader=device needs the corpus LM (task=lm); task "
+                          f"{task_of(cfg).name} builds its batches on the host: use "
+                          "train.loader=auto or host")
     if t.randomized_positions and t.randomized_positions < t.length:
         raise RelposError(f"train.randomized_positions={t.randomized_positions} must be 0 "
                           f"(off) or >= train.length={t.length}")
@@ -197,16 +202,9 @@ def _train(cfg, run_dir: Path, closing: contextlib.ExitStack) -> dict[str, Any]:
     state = TrainState(params, tx.init(params), fresh_guard())
     per_call = steps_per_call(t)
     multi = per_call > 1
-    step_fn = make_train_step(graphdef, tx, multi=multi)
-
-    ckpt = Checkpoints(run_dir / "checkpoints", t.keep_checkpoints)
-    closing.callback(ckpt.close)
-    restored = ckpt.restore_latest(state.arrays, set_aside=True)
-    if restored is not None:
-        step, arrays, meta = restored
-        state = TrainState(**arrays, step=step, train_seconds=meta.get("train_seconds", 0.0))
-        notify(f"resumed from step {step} in {run_dir}")
-    place = lambda tokens, pos: (tokens, pos)  # noqa: E731
+    loader = choose_loader(t, task, corpus.train)
+    sample_length = t.length if loader == "device" else None
+    mesh = None
     if t.parallel != "none":  # data parallel / FSDP over every visible device
         mesh = par.data_mesh()
         par.check_batch(mesh, t.batch_size)
@@ -214,30 +212,45 @@ def _train(cfg, run_dir: Path, closing: contextlib.ExitStack) -> dict[str, Any]:
         step_fn = par.make_parallel_train_step(graphdef, tx, mesh, state.params,
                                                state.opt_state, fsdp=fsdp,
                                                batched_positions=bool(t.randomized_positions),
-                                               multi=multi)
+                                               multi=multi, sample_length=sample_length)
         state.params, state.opt_state, state.guard = par.place_state(
             mesh, (state.params, state.opt_state, state.guard), fsdp=fsdp)
-        place = lambda tokens, pos: par.place_batch(mesh, tokens, pos, stacked=multi)  # noqa: E731
-        log.info("%s over %d devices", t.parallel, mesh.size)
+        log.info("%s over %d devices (%d processes)", t.parallel, mesh.size,
+                 jax.process_count())
+    else:
+        step_fn = make_train_step(graphdef, tx, multi=multi, sample_length=sample_length)
+
+    ckpt = Checkpoints(run_dir / "checkpoints", t.keep_checkpoints)
+    closing.callback(ckpt.close)
+    restored = ckpt.restore_latest(state.arrays, set_aside=True)  # in the placed layout
+    if restored is not None:
+        step, arrays, meta = restored
+        state = TrainState(**arrays, step=step, train_seconds=meta.get("train_seconds", 0.0))
+        notify(f"resumed from step {step} in {run_dir}")
 
     name, opts = bias_options(cfg.bias)
     log.info("model: %s, %d parameters, bias=%s, %d steps per call", cfg.model.preset,
              n_params, name, per_call)
     metrics = closing.enter_context(contextlib.closing(
         MetricLogger(run_dir, hparams=_hparams(cfg), enable_tb=True)))
-    batches = _batches(cfg, corpus.train, multi, place, task_sampler(cfg, task, corpus.train))
+    log.info("training batches: %s", "windows gathered on the device from the token array"
+             if loader == "device" else "built on the host in a prefetching thread")
+    batches = call_inputs(cfg, corpus.train, multi, mesh, task_sampler(cfg, task, corpus.train),
+                          on_device=loader == "device")
     progress = closing.enter_context(contextlib.closing(tqdm(
         total=t.steps, initial=state.step, disable=not t.progress, desc="train", unit="step",
         dynamic_ncols=True, mininterval=1.0)))
     trainer = Trainer(step_fn, batches, total_steps=t.steps, steps_per_call=per_call,
-                      progress=progress)
+                      progress=progress, prefetch=t.prefetch)
     tokens_per_step = t.batch_size * t.length
     last = {"loss": None, "steady_steps": 0, "steady_seconds": 0.0}  # at the last log row
+    # the schedule's values at every step, computed once: a log row calls no JAX op
+    lrs = np.asarray(jax.jit(jax.vmap(schedule))(jnp.arange(t.steps + 1)))
 
-    def log_row(info: StepInfo):
-        check_guard(info.state.guard, t.on_nonfinite, info.state.step)
+    def log_row(info: StepInfo):  # reads the metrics only: runs while the next call computes
+        check_guard(info.metrics, t.on_nonfinite, info.state.step)
         clock, step = info.clock, info.state.step
-        skipped = int(info.state.guard["skipped"])
+        skipped = int(np.asarray(info.metrics["skipped"]).reshape(-1)[-1])
         loss = last_metric(info.metrics["loss"])
         tok_s = tokens_per_second(
             (clock.steady_steps - last["steady_steps"]) * tokens_per_step,
@@ -246,7 +259,7 @@ def _train(cfg, run_dir: Path, closing: contextlib.ExitStack) -> dict[str, Any]:
                     steady_seconds=clock.steady_seconds)
         row = {"step": step, "loss": loss, "grad_norm": last_metric(info.metrics["grad_norm"]),
                # skipped steps leave the optimiser's count (and so the lr) behind
-               "lr": float(schedule(step - 1 - skipped)), "tokens_per_second": tok_s,
+               "lr": float(lrs[step - 1 - skipped]), "tokens_per_second": tok_s,
                "skipped_steps": skipped}
         metrics.scalars(row, step)
         progress.set_postfix(loss=f"{loss:.3f}",
@@ -267,7 +280,7 @@ def _train(cfg, run_dir: Path, closing: contextlib.ExitStack) -> dict[str, Any]:
                                         t.length, cfg.eval)
         metrics.scalars({"val_loss": val}, info.state.step)
 
-    trainer.add_hook(log_row, t.log_every, on_stop=True)
+    trainer.add_hook(log_row, t.log_every, on_stop=True, state=False)
     trainer.add_hook(save, t.checkpoint_every, on_stop=True)
     trainer.add_hook(validate, t.eval_every, at_end=False)
     start = state.step
@@ -310,6 +323,82 @@ def _train(cfg, run_dir: Path, closing: contextlib.ExitStack) -> dict[str, Any]:
     metrics.final(results)
     atomic_write_json(run_dir / "results.json", results)
     return results
+
+
+# The largest training split kept on the device (train.loader=auto); beyond it (or
+# beyond int32 indices) the windows are gathered on the host, in the prefetching thread.
+DEVICE_CORPUS_MAX_BYTES = 2 << 30
+
+
+def choose_loader(t, task, train_tokens) -> str:
+    """``device`` (the token array on the device, windows gathered in the step) or
+    ``host`` (batches built on the host): ``train.loader``, or for auto ``device`` for the
+    corpus LM when its training split fits :data:`DEVICE_CORPUS_MAX_BYTES`. Tasks
+    generate their batches on the host (:mod:`relpos.tasks`)."""
+    fits = (train_tokens is not None and train_tokens.nbytes <= DEVICE_CORPUS_MAX_BYTES
+            and train_tokens.shape[0] < 2**31)
+    if t.loader == "device" and train_tokens.shape[0] >= 2**31:
+        raise RelposError(f"train.loader=device: the training split has "
+                          f"{train_tokens.shape[0]:,} tokens, beyond int32 indices; use "
+                          "train.loader=host")
+    if t.loader == "auto":
+        return "device" if task is None and fits else "host"
+    return t.loader
+
+
+def call_inputs(cfg, train_tokens, multi: bool, mesh, sample=None, *, on_device: bool):
+    """``inputs(step, n)``: the arguments after the state of the compiled call of ``n``
+    steps from ``step`` (:class:`relpos.training.loop.Trainer`), placed on the device or
+    the mesh, a function of (seed, step) only (it runs ahead, in the trainer's
+    prefetching thread):
+
+    * ``on_device``: ``(starts, positions, step, corpus)``, ``starts [B]`` (``[n, B]``)
+      from :func:`relpos.data.window_starts` and the training split on the device once
+      (replicated on a mesh); the step gathers the windows, the same tokens as
+      :func:`relpos.data.train_batch`.
+    * else ``(tokens, positions, step)``: the batches of :func:`_batches` (a task's
+      ``sample``, or the windows gathered on the host).
+    """
+    t = cfg.train
+    if mesh is None:
+        put = lambda x, stacked=False, batched=True: jax.device_put(x)  # noqa: E731
+    else:
+        def put(x, stacked=False, batched=True):
+            sh = par.batch_sharding(mesh, stacked) if batched else par.replicated(mesh)
+            return par.put(x, sh)
+    fixed = put(np.arange(t.length, dtype=np.int32), batched=False)  # on the device once
+
+    def positions(step, n):
+        if not t.randomized_positions:
+            return fixed
+        pos = [data_lib.random_positions(seed=cfg.seed, step=s, batch_size=t.batch_size,
+                                         length=t.length, max_position=t.randomized_positions)
+               for s in range(step, step + n)]
+        return put(np.stack(pos) if multi else pos[0], multi)
+
+    step_arg = lambda step: put(np.int32(step), batched=False)  # noqa: E731
+    if not on_device:
+        def batch_at(step):
+            return sample(step) if sample else data_lib.train_batch(
+                train_tokens, seed=cfg.seed, step=step, batch_size=t.batch_size,
+                length=t.length)
+
+        def inputs(step, n):
+            tokens = [batch_at(s) for s in range(step, step + n)]
+            tokens = jax.tree.map(lambda *x: np.stack(x), *tokens) if multi else tokens[0]
+            return put(tokens, multi), positions(step, n), step_arg(step)
+
+        return inputs
+    corpus = put(np.asarray(train_tokens), batched=False)
+
+    def inputs(step, n):
+        starts = [data_lib.window_starts(train_tokens.shape[0], seed=cfg.seed, step=s,
+                                         batch_size=t.batch_size, length=t.length)
+                  for s in range(step, step + n)]
+        starts = (np.stack(starts) if multi else starts[0]).astype(np.int32)
+        return put(starts, multi), positions(step, n), step_arg(step), corpus
+
+    return inputs
 
 
 def _batches(cfg, train_tokens: np.ndarray, multi: bool, place, sample=None):

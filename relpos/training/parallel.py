@@ -78,9 +78,26 @@ def state_shardings(mesh: Mesh, tree, *, fsdp: bool = False):
     return jax.tree.map(one, tree)
 
 
+def put(tree, sharding):
+    """A pytree of arrays (every process holding the same values) on the mesh with
+    ``sharding`` (one, or a matching pytree): ``device_put`` in one process; across
+    processes each process supplies its own devices' parts from its copy
+    (``jax.make_array_from_callback``), since no process addresses every device."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+    if isinstance(sharding, jax.sharding.Sharding):
+        sharding = jax.tree.map(lambda _: sharding, tree)
+
+    def one(x, sh):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
+
+    return jax.tree.map(one, tree, sharding)
+
+
 def place_state(mesh: Mesh, tree, *, fsdp: bool = False):
     """Put a state pytree on the mesh: replicated, or FSDP-sharded with ``fsdp``."""
-    return jax.device_put(tree, state_shardings(mesh, tree, fsdp=fsdp))
+    return put(tree, state_shardings(mesh, tree, fsdp=fsdp))
 
 
 def check_batch(mesh: Mesh, batch_size: int) -> None:
@@ -101,23 +118,25 @@ def place_batch(mesh: Mesh, tokens, positions, *, stacked: bool = False):
     ``stacked``, ``[n, B, T+1]`` tokens (and ``[n, B, T]`` positions) of ``n`` steps."""
     check_batch(mesh, tokens.shape[1 if stacked else 0])
     batched = np.ndim(positions) == (3 if stacked else 2)
-    return (jax.device_put(tokens, batch_sharding(mesh, stacked)),
-            jax.device_put(positions, positions_sharding(mesh, batched, stacked)))
+    return (put(tokens, batch_sharding(mesh, stacked)),
+            put(positions, positions_sharding(mesh, batched, stacked)))
 
 
 def make_parallel_train_step(graphdef, tx, mesh: Mesh, params, opt_state, *,
                              fsdp: bool = False, batched_positions: bool = False,
-                             multi: bool = False):
-    """:func:`relpos.training.step.make_train_step` (``multi``: several steps per call) with the
-    mesh layout pinned on its inputs and outputs. ``params`` and ``opt_state`` (arrays or
-    abstract shapes) give the tree structure; the returned function has the step's
-    signature and donates the state."""
-    step = pure_step(graphdef, tx, multi=multi)
+                             multi: bool = False, sample_length: int | None = None):
+    """:func:`relpos.training.step.make_train_step` (``multi``: several steps per call;
+    ``sample_length``: window starts and the replicated corpus instead of tokens) with
+    the mesh layout pinned on its inputs and outputs. ``params`` and ``opt_state``
+    (arrays or abstract shapes) give the tree structure; the returned function has the
+    step's signature and donates the state."""
+    step = pure_step(graphdef, tx, multi=multi, sample_length=sample_length)
     rep = replicated(mesh)
     p_sh = state_shardings(mesh, params, fsdp=fsdp)
     o_sh = state_shardings(mesh, opt_state, fsdp=fsdp)
     g_sh = jax.tree.map(lambda _: rep, fresh_guard())
     pos_sh = positions_sharding(mesh, batched_positions, multi)
+    corpus = () if sample_length is None else (rep,)
     return jax.jit(step, in_shardings=(p_sh, o_sh, g_sh, batch_sharding(mesh, multi), pos_sh,
-                                       rep),
+                                       rep, *corpus),
                    out_shardings=(p_sh, o_sh, g_sh, rep), donate_argnums=(0, 1, 2))

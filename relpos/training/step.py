@@ -112,7 +112,9 @@ def train_step_fn(graphdef, tx):
             "bad_what": jnp.where(~ok & first, what, guard["bad_what"]),
             "skipped": guard["skipped"] + (~ok).astype(jnp.int32),
         }
-        return new_params, new_opt, guard, {"loss": loss, "grad_norm": gnorm}
+        # the guard's counters ride along with the metrics: a log row reads them from the
+        # (undonated) metrics while the next call already owns the donated state
+        return new_params, new_opt, guard, {"loss": loss, "grad_norm": gnorm, **guard}
 
     return step_fn
 
@@ -141,15 +143,40 @@ def multi_step_fn(graphdef, tx):
     return multi
 
 
-def pure_step(graphdef, tx, *, multi: bool = False):
-    """:func:`train_step_fn`, or with ``multi`` :func:`multi_step_fn` (not yet jitted)."""
-    return (multi_step_fn if multi else train_step_fn)(graphdef, tx)
+def gather_windows(corpus, starts, length: int):
+    """The training windows ``corpus[s : s + length + 1]`` for every start ``s`` of
+    ``starts`` (any leading shape: ``[B]``, or ``[n, B]`` for n steps), as int32: what
+    :func:`relpos.data.train_batch` gathers on the host, gathered on the device."""
+    idx = starts[..., None] + jnp.arange(length + 1, dtype=starts.dtype)
+    return corpus.at[idx].get(mode="promise_in_bounds").astype(jnp.int32)
 
 
-def make_train_step(graphdef, tx, *, multi: bool = False):
+def sampling_step(step_fn, length: int):
+    """``step_fn`` fed from a token array on the device: ``(params, opt_state, guard,
+    starts, positions, step, corpus)``, the windows gathered from ``corpus`` at
+    ``starts`` inside the compiled call (:func:`gather_windows`), so a call takes only
+    ``B`` integers per step from the host."""
+
+    def fn(params, opt_state, guard, starts, positions, step, corpus):
+        return step_fn(params, opt_state, guard, gather_windows(corpus, starts, length),
+                       positions, step)
+
+    return fn
+
+
+def pure_step(graphdef, tx, *, multi: bool = False, sample_length: int | None = None):
+    """:func:`train_step_fn`, or with ``multi`` :func:`multi_step_fn` (not yet jitted);
+    with ``sample_length`` (the training length) it takes window starts and the
+    corpus instead of tokens (:func:`sampling_step`)."""
+    fn = (multi_step_fn if multi else train_step_fn)(graphdef, tx)
+    return fn if sample_length is None else sampling_step(fn, sample_length)
+
+
+def make_train_step(graphdef, tx, *, multi: bool = False, sample_length: int | None = None):
     """The jitted :func:`pure_step`; the state (params, optimiser state, guard) is
     donated."""
-    return jax.jit(pure_step(graphdef, tx, multi=multi), donate_argnums=(0, 1, 2))
+    return jax.jit(pure_step(graphdef, tx, multi=multi, sample_length=sample_length),
+                   donate_argnums=(0, 1, 2))
 
 
 def fresh_guard():
