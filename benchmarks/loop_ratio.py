@@ -6,15 +6,17 @@ Issue 19's CPU target: at one step per call (``train.steps_per_call=1``) the tra
 Per process (one source tree, one preset) the worker alternates ``--repeats`` times:
 
 * the bench step (:class:`relpos.bench.cases.JaxCase`, random tokens already on the
-  device, the host syncing once per round), ``--rounds`` rounds of ``--interval`` steps;
+  device, the host syncing once per round), ``--rounds`` rounds of ``--interval`` steps
+  before and again after each trainer run;
 * one ``relpos-train`` run (:func:`relpos.runs.train`, the stdlib corpus, alibi, the same
   preset, batch and length) of ``(--rows + 1) x --interval`` steps, logging every
   ``--interval`` steps; its ``metrics.jsonl`` rows give the tokens/s of each interval (the
   first, which holds the first execution, is dropped) and ``results.json`` the whole
   run's ``train_tokens_per_second``.
 
-The ratio is the median interval tokens/s of the trainer over the median round tokens/s
-of the bench. With ``--before REV`` the same worker also runs on a ``git worktree`` of
+Per repeat, the ratio is the trainer's median interval tokens/s over the median of the
+bench rounds just before and after that run (a shared host drifts); the figure is the
+median over repeats. With ``--before REV`` the same worker also runs on a ``git worktree`` of
 REV, alternating with the working tree (before, after, before, after ...) so that both
 sides see the same drift of a shared host.
 
@@ -60,20 +62,25 @@ with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
 case = JaxCase("alibi", preset_config(preset), batch=batch, length=length,
                total_steps=10_000)
 case.run(2)
-bench, train, whole = [], [], []
-for r in range(repeats):
-    bench += [batch * length * interval / case.run(interval) for _ in range(rounds)]
+bench, train, whole, ratios = [], [], [], []
+for r in range(repeats):  # bench rounds on both sides of each trainer run
+    before = [batch * length * interval / case.run(interval) for _ in range(rounds)]
     with tempfile.TemporaryDirectory() as d:
         res = runs.train(cfg, Path(d) / "run")
         lines = (Path(d) / "run" / "metrics.jsonl").read_text().splitlines()
+    after = [batch * length * interval / case.run(interval) for _ in range(rounds)]
     tps = [json.loads(l).get("tokens_per_second") for l in lines]
-    train += [x for x in tps if x][1:]  # the first interval holds the first execution
-    whole.append(res["train_tokens_per_second"])
-b, t = statistics.median(bench), statistics.median(train)
+    rows = [x for x in tps if x][1:]  # the first interval holds the first execution
+    b = statistics.median(before + after)
+    bench += before + after
+    train += rows
+    whole.append(res["train_tokens_per_second"] / b)
+    ratios.append(statistics.median(rows) / b)
 print("RESULT" + json.dumps({
-    "bench_tokens_per_second": b, "train_tokens_per_second": t, "ratio": t / b,
-    "results_json_train_tokens_per_second": whole,
-    "results_json_ratio": [w / b for w in whole],
+    "ratio": statistics.median(ratios), "ratio_per_repeat": ratios,
+    "bench_tokens_per_second": statistics.median(bench),
+    "train_tokens_per_second": statistics.median(train),
+    "results_json_ratio_per_repeat": whole,
     "bench_rounds": bench, "train_intervals": train}))
 """
 
@@ -102,8 +109,9 @@ def main(argv=None) -> None:
     p.add_argument("--interval", type=int, default=None,
                    help="steps per log row and per bench round (default: tiny 40, else 10)")
     p.add_argument("--rows", type=int, default=3, help="timed trainer intervals per run")
-    p.add_argument("--rounds", type=int, default=3, help="bench rounds per repeat")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2,
+                   help="bench rounds before and after each trainer run")
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--length", type=int, default=None,
                    help="training length (default: tiny 128 as relpos-train's default "
@@ -135,8 +143,10 @@ def main(argv=None) -> None:
             for k, r in res.items():
                 print(f"{preset:6s} {k:6s} bench {r['bench_tokens_per_second']:9,.0f} tok/s  "
                       f"train {r['train_tokens_per_second']:9,.0f} tok/s  "
-                      f"ratio {r['ratio']:.3f}  (results.json: "
-                      + ", ".join(f"{x:.3f}" for x in r["results_json_ratio"]) + ")",
+                      f"ratio {r['ratio']:.3f} (per repeat "
+                      + ", ".join(f"{x:.3f}" for x in r["ratio_per_repeat"])
+                      + "; results.json's train_tokens_per_second: "
+                      + ", ".join(f"{x:.3f}" for x in r["results_json_ratio_per_repeat"]) + ")",
                       flush=True)
     finally:
         if tmp:
