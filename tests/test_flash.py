@@ -33,10 +33,10 @@ def run(fn, *args):
         compiler_options={"xla_backend_optimization_level": 0})(*args)
 
 
-def scheme_state(name: str, seed: int = 3):
+def scheme_state(name: str, seed: int = 3, options=None):
     """A scheme with every parameter moved off its initialisation (tables start near 0)."""
     scheme = positions.build(name, num_heads=H, head_dim=D, rngs=nnx.Rngs(0),
-                             **OPTIONS.get(name, {}))
+                             **(OPTIONS.get(name, {}) if options is None else options))
     graphdef, state = nnx.split(scheme)
     leaves, treedef = jax.tree.flatten(state)
     keys = jax.random.split(jax.random.key(seed), max(len(leaves), 1))
@@ -59,9 +59,9 @@ def ragged_positions(b, tk, seed=2):
 
 
 def compare(name, *, b=1, tq=80, tk=80, ragged=False, inside=False, token_bias=False,
-            block=32, window=0):
+            block=32, window=0, options=None):
     """Max abs errors (values, every gradient) of flash against dense for one scheme."""
-    graphdef, state = scheme_state(name)
+    graphdef, state = scheme_state(name, options=options)
     q, k, v, w = qkvw(b, tq, tk)
     k_pos = ragged_positions(b, tk) if ragged else jnp.arange(tk)
     q_pos = k_pos[..., tk - tq:]
@@ -131,6 +131,14 @@ def test_flash_equals_dense(name, kw):
                                 dict(tq=256, tk=256, inside=True, token_bias=True, block=64)])
 def test_flash_equals_dense_longer(name, kw):
     check(compare(name, **kw))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["clip", "zero", "mask"])
+def test_offset_policies_longer(policy):
+    """Offsets beyond the table: its last entry, no bias, or masked (ragged positions)."""
+    check(compare("offset", b=2, tq=200, tk=256, ragged=True, block=64,
+                  options={"size": 64, "policy": policy}))
 
 
 @pytest.mark.slow

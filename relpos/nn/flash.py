@@ -37,6 +37,18 @@ Why it has the shape it has
   The in-kernel VJP costs the bias function's backward per visited tile, the same order
   as its forward. FIRE (non-Toeplitz: it normalises by the query position) needs
   nothing special.
+* **Tables (offset, T5) are looked up, not differentiated through.** The VJP of a
+  lookup in a loaded array is a scatter-add, and neither gather nor scatter of an array
+  value has a Pallas Triton lowering. So a :class:`KernelBias` may name a ``table
+  [H, N]`` and an ``index`` function of the position tiles (the causal distance, the T5
+  bucket): the kernel reads ``table_ref[index]`` (an integer-array index of a *ref*,
+  which the Triton lowering turns into a pointer gather) and accumulates the table's
+  gradient as, for each index ``n`` the tile touches (``min..max``: at most ``bq + bk -
+  1`` for contiguous positions, fewer once offsets clip), ``sum(where(index == n, dS,
+  0))``. No atomics: ``plgpu.atomic_add`` with repeated indices is not summed in
+  interpret mode (checked), so it could not be tested here. The cost is that loop: up to
+  ~2 (bq + bk) elementwise passes over a tile, which on GPU may cost more than the tile's
+  matmuls for the offset table; T5's bucketed tiles touch few indices.
 * **Separable token bias** (``c_i - c_j``, FoX's hook): ``c`` travels as ``[B, H, T]``;
   its gradient is the row sums of ``dS`` (queries, in the dq kernel) minus the column
   sums (keys, in the dk/dv kernel). A :class:`~relpos.positions.base.CumulativeBias` is
@@ -59,13 +71,12 @@ of two), ``pl.ds`` slices of K/V/Q refs, ``lax.fori_loop`` with program-dependen
 bounds, 2-D ``dot``. Closed-form biases (ALiBi, KERPLE, Sandwich, FIRE) use elementwise
 ops and reductions only, but Sandwich and FIRE build 3-D ``[bq, bk, n]`` intermediates
 (``n`` = frequencies, MLP width) whose Triton lowering and register pressure are
-unchecked. The table schemes (offset, T5) index their table with ``jnp.take`` on a
-loaded value and their VJP is a scatter-add: Pallas Triton has no lowering for either
-(a GPU version would load from the table *ref* with an integer-array index, which the
-Triton lowering turns into a pointer gather, and accumulate the gradient with
-``plgpu.atomic_add``). The generic fallback for other parameterised schemes computes
-all heads per tile and selects one. ``auto`` never picks this path (see
-:func:`relpos.nn.attention.choose_impl`).
+unchecked. The table lookup is a ref gather (see above; its lowering is read from the
+JAX source, not run). The adapters take their head's parameters with ``x[0]`` of a
+size-1 axis (a squeeze, which lowers). The generic fallback for schemes without an
+adapter computes all heads per tile and selects one with a dynamic index, which Triton
+cannot lower (``dynamic_slice`` has no rule): it serves interpret mode only. ``auto``
+never picks this path (see :func:`relpos.nn.attention.choose_impl`).
 """
 
 from __future__ import annotations
@@ -73,6 +84,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -105,12 +117,22 @@ class KernelBias:
       trainable: whether gradients flow to ``params`` (False: constants only; the kernel
         then skips the per-tile VJP).
       owner: the scheme's name, for messages.
+      index, table, beyond: a looked-up bias (offset table, T5 buckets), added to ``fn``'s
+        (``fn`` may then be None): ``index(q_pos [bq], k_pos [bk]) -> int32 [bq, bk]``
+        (non-negative) into ``table [H, N]``; an index ``>= N`` follows ``beyond``
+        (``clip`` | ``zero`` | ``mask`` | ``error``, as the offset policies). The kernel
+        reads the table through its ref with an integer-array index (a pointer gather on
+        Triton) and accumulates its gradient by a loop over the indices a tile touches,
+        so no gather or scatter of a loaded array is needed.
     """
 
-    fn: Callable
+    fn: Callable | None
     params: Any
     trainable: bool = True
     owner: str = "?"
+    index: Callable | None = None
+    table: jax.Array | None = None
+    beyond: str = "clip"
 
 
 # ----------------------------------------------------------------------------- schemes
@@ -140,13 +162,12 @@ def _hard_alibi(s: alibi.HardALiBi, h: int) -> KernelBias:
 
 
 def _offset(s: offset.OffsetBias, h: int) -> KernelBias:
-    fn = lambda p, _h, qp, kp: offset.offset_bias(qp, kp, p["table"][None], s.policy)[0]
-    return KernelBias(fn, {"table": s.table[...]})
+    return KernelBias(None, {}, index=causal_distance, table=s.table[...], beyond=s.policy)
 
 
 def _t5(s: t5.T5Bias, h: int) -> KernelBias:
-    fn = lambda p, _h, qp, kp: t5.t5_bias(qp, kp, p["table"][None], s.max_distance)[0]
-    return KernelBias(fn, {"table": s.table[...]})
+    index = lambda qp, kp: t5.t5_bucket(causal_distance(qp, kp), s.num_buckets, s.max_distance)
+    return KernelBias(None, {}, index=index, table=s.table[...])  # buckets are in range
 
 
 def _kerple(formula):
@@ -204,7 +225,7 @@ def _generic(scheme, h: int) -> KernelBias:
     leaves, treedef = jax.tree.flatten(params)
 
     def fn(p, hh, qp, kp):
-        state = jax.tree.unflatten(treedef, [x[0] for x in p])
+        state = jax.tree.unflatten(treedef, [x[0] for x in p or []])
         b = nnx.merge(graphdef, state, rest).bias(qp, kp)  # [H, bq, bk]
         return jax.lax.dynamic_index_in_dim(b, hh, axis=0, keepdims=False)
     # every leaf once per head (the kernel hands each program its head's copy)
@@ -271,27 +292,63 @@ class _Cfg:
     nk: int
     batched_pos: bool
     window: int  # > 0: keys at offsets q_pos - k_pos >= window masked too
+    index_fn: Callable | None = None  # looked-up bias (KernelBias.index), table of
+    table_n: int = 0  # this many entries (0: none; its ref is the last parameter ref)
+    beyond: str = "clip"
+
+    @property
+    def grad_fn(self) -> bool:  # the per-tile VJP of fn
+        return self.trainable and self.fn is not None and self.treedef is not None
 
 
-def _logits(cfg: _Cfg, q, k, qpos, kpos, q_idx, k_idx, params, h, cq, ck, want_vjp=False):
-    """Masked logits ``[bq, bk]`` fp32 of one tile (and the bias VJP if asked)."""
+_FILL = {"clip": None, "zero": 0.0, "mask": -math.inf, "error": math.nan}
+
+
+def _logits(cfg: _Cfg, q, k, qpos, kpos, q_idx, k_idx, params, t_ref, h, cq, ck,
+            want_vjp=False):
+    """Masked logits ``[bq, bk]`` fp32 of one tile, the bias VJP (if asked) and the table
+    indices ``(index clipped to the table, whether the entry's gradient counts)``."""
     raw = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                               preferred_element_type=jnp.float32)
-    vjp = None
-    if cfg.fn is None:
-        s = raw * cfg.scale
-    else:
+    vjp = b = looked_up = None
+    if cfg.fn is not None:
         if want_vjp:
             b, vjp = jax.vjp(lambda p: cfg.fn(p, h, qpos, kpos).astype(jnp.float32), params)
         else:
             b = cfg.fn(params, h, qpos, kpos).astype(jnp.float32)
+    if cfg.table_n:
+        idx = cfg.index_fn(qpos, kpos).astype(jnp.int32)
+        beyond = idx >= cfg.table_n
+        idx = jnp.minimum(idx, cfg.table_n - 1)
+        tb = t_ref[idx].astype(jnp.float32)  # a gather through the ref
+        fill = _FILL[cfg.beyond]
+        if fill is not None:
+            tb = jnp.where(beyond, fill, tb)
+        b = tb if b is None else b + tb
+        looked_up = (idx, None if fill is None else jnp.logical_not(beyond))
+    if b is None:
+        s = raw * cfg.scale
+    else:
         s = (raw + b) * cfg.scale if cfg.inside else raw * cfg.scale + b
     if cfg.has_c:
         s = s + (cq[:, None] - ck[None, :])
     mask = (k_idx[None, :] <= q_idx[:, None]) & (k_idx < cfg.tk)[None, :]
     if cfg.window:
         mask = mask & ((qpos[:, None] - kpos[None, :]) < cfg.window)
-    return jnp.where(mask, s, -jnp.inf), vjp
+    return jnp.where(mask, s, -jnp.inf), vjp, looked_up
+
+
+def _table_grad(cfg: _Cfg, dt, looked_up, g):
+    """``dt [Np] += `` the tile's cotangent ``g [bq, bk]`` summed per table index, by a loop
+    over the indices the tile touches (a contiguous tile spans at most bq + bk - 1)."""
+    idx, live = looked_up
+    if live is not None:
+        g = jnp.where(live, g, 0.0)
+    entries = jnp.arange(dt.shape[0])
+
+    def one(n, dt):
+        return dt + jnp.where(entries == n, jnp.sum(jnp.where(idx == n, g, 0.0)), 0.0)
+    return jax.lax.fori_loop(idx.min(), idx.max() + 1, one, dt)
 
 
 def _dot(a, b, ta=False, tb=False):
@@ -312,9 +369,12 @@ def _split(refs, n_params: int, has_c: bool, n_first: int):
 
 
 def _load_params(cfg: _Cfg, p_refs):
+    """The bias function's parameters (loaded) and the table's ref (or None)."""
+    t_ref = p_refs[-1] if cfg.table_n else None
+    fn_refs = p_refs[:-1] if cfg.table_n else p_refs
     if cfg.treedef is None:
-        return None
-    return jax.tree.unflatten(cfg.treedef, [r[...] for r in p_refs])
+        return None, t_ref
+    return jax.tree.unflatten(cfg.treedef, [r[...] for r in fn_refs]), t_ref
 
 
 def _q_stop(cfg: _Cfg, i):
@@ -329,7 +389,7 @@ def _fwd_kernel(*refs, cfg: _Cfg, n_params: int):
     h, i = pl.program_id(1), pl.program_id(2)
     q = q_ref[...]
     qpos = qp_ref[...]
-    params = _load_params(cfg, p_refs)
+    params, t_ref = _load_params(cfg, p_refs)
     cq = c_refs[0][...] if cfg.has_c else None
     q_idx = i * cfg.bq + jnp.arange(cfg.bq) + (cfg.tk - cfg.tq)
     bq, d = q.shape
@@ -339,8 +399,8 @@ def _fwd_kernel(*refs, cfg: _Cfg, n_params: int):
         sl = pl.ds(pl.multiple_of(j * cfg.bk, cfg.bk), cfg.bk)
         k, v = k_ref[sl, :], v_ref[sl, :]
         ck = c_refs[1][sl] if cfg.has_c else None
-        s, _ = _logits(cfg, q, k, qpos, kp_ref[sl], q_idx, j * cfg.bk + jnp.arange(cfg.bk),
-                       params, h, cq, ck)
+        s, _, _ = _logits(cfg, q, k, qpos, kp_ref[sl], q_idx,
+                          j * cfg.bk + jnp.arange(cfg.bk), params, t_ref, h, cq, ck)
         m_new = jnp.maximum(m, s.max(axis=1))
         m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
         p = jnp.exp(s - m_safe[:, None])
@@ -364,7 +424,7 @@ def _dkv_kernel(*refs, cfg: _Cfg, n_params: int):
     h, j = pl.program_id(1), pl.program_id(2)
     k, v = k_ref[...], v_ref[...]
     kpos = kp_ref[...]
-    params = _load_params(cfg, p_refs)
+    params, t_ref = _load_params(cfg, p_refs)
     ck = c_refs[1][...] if cfg.has_c else None
     k_idx = j * cfg.bk + jnp.arange(cfg.bk)
     offset = cfg.tk - cfg.tq
@@ -374,8 +434,9 @@ def _dkv_kernel(*refs, cfg: _Cfg, n_params: int):
         sl = pl.ds(pl.multiple_of(i * cfg.bq, cfg.bq), cfg.bq)
         q, do = q_ref[sl, :], do_ref[sl, :]
         cq = c_refs[0][sl] if cfg.has_c else None
-        s, _ = _logits(cfg, q, k, qp_ref[sl], kpos, i * cfg.bq + jnp.arange(cfg.bq) + offset,
-                       k_idx, params, h, cq, ck)
+        s, _, _ = _logits(cfg, q, k, qp_ref[sl], kpos,
+                          i * cfg.bq + jnp.arange(cfg.bq) + offset, k_idx, params, t_ref, h,
+                          cq, ck)
         p = jnp.exp(s - lse_ref[sl][:, None])
         dv = dv + _dot(p.astype(do.dtype), do, ta=True)
         dp = _dot(do, v, tb=True)
@@ -399,40 +460,49 @@ def _dq_kernel(*refs, cfg: _Cfg, n_params: int):
     (q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, qp_ref, kp_ref), p_refs, c_refs, outs = \
         _split(refs, n_params, cfg.has_c, 8)
     dq_ref = outs[0]
-    dp_refs = outs[1:1 + (n_params if cfg.trainable else 0)]
+    n_fn = n_params - (1 if cfg.table_n else 0)
+    dp_refs = outs[1:1 + (n_fn if cfg.grad_fn else 0)]
+    dt_ref = outs[1 + (n_fn if cfg.grad_fn else 0)] if cfg.table_n else None
     h, i = pl.program_id(1), pl.program_id(2)
     q, do = q_ref[...], do_ref[...]
     lse, dl = lse_ref[...], dl_ref[...]
     qpos = qp_ref[...]
-    params = _load_params(cfg, p_refs)
-    grads = cfg.trainable and cfg.fn is not None
+    params, t_ref = _load_params(cfg, p_refs)
+    grads = cfg.grad_fn
     cq = c_refs[0][...] if cfg.has_c else None
     q_idx = i * cfg.bq + jnp.arange(cfg.bq) + (cfg.tk - cfg.tq)
 
     def body(j, carry):
-        dq, dcq, dpar = carry
+        dq, dcq, dpar, dt = carry
         sl = pl.ds(pl.multiple_of(j * cfg.bk, cfg.bk), cfg.bk)
         k, v = k_ref[sl, :], v_ref[sl, :]
         ck = c_refs[1][sl] if cfg.has_c else None
-        s, vjp = _logits(cfg, q, k, qpos, kp_ref[sl], q_idx, j * cfg.bk + jnp.arange(cfg.bk),
-                         params, h, cq, ck, want_vjp=grads)
+        s, vjp, looked_up = _logits(cfg, q, k, qpos, kp_ref[sl], q_idx,
+                                    j * cfg.bk + jnp.arange(cfg.bk), params, t_ref, h, cq, ck,
+                                    want_vjp=grads)
         p = jnp.exp(s - lse[:, None])
         ds = p * (_dot(do, v, tb=True) - dl[:, None])
         dq = dq + _dot(ds.astype(k.dtype), k)
         if cfg.has_c:
             dcq = dcq + ds.sum(axis=1)
+        db = ds * cfg.scale if cfg.inside else ds  # the bias's cotangent
         if grads:
-            (g,) = vjp(ds * cfg.scale if cfg.inside else ds)
+            (g,) = vjp(db)
             dpar = jax.tree.map(jnp.add, dpar, g)
-        return dq, dcq, dpar
+        if cfg.table_n:
+            dt = _table_grad(cfg, dt, looked_up, db)
+        return dq, dcq, dpar, dt
 
     dpar0 = jax.tree.map(jnp.zeros_like, params) if grads else None
-    init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros((cfg.bq,), jnp.float32), dpar0)
-    dq, dcq, dpar = jax.lax.fori_loop(0, _q_stop(cfg, i), body, init)
+    dt0 = jnp.zeros(dt_ref.shape, jnp.float32) if cfg.table_n else None
+    init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros((cfg.bq,), jnp.float32), dpar0, dt0)
+    dq, dcq, dpar, dt = jax.lax.fori_loop(0, _q_stop(cfg, i), body, init)
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
     if grads:
         for r, g in zip(dp_refs, jax.tree.leaves(dpar)):
             r[...] = g.astype(r.dtype)
+    if cfg.table_n:
+        dt_ref[...] = dt
     if cfg.has_c:
         outs[-1][...] = dcq
 
@@ -512,11 +582,12 @@ def _backward(cfg: _Cfg, interpret, q, k, v, qpos, kpos, leaves, cq, ck, o, lse,
     # dq, the parameters' cotangents (one copy per query block) and the query side
     q_spec, k_spec, qp_spec, kp_spec, p_specs, c_specs, row = _specs(cfg, leaves, d=d,
                                                                       over_q=True)
-    grads = cfg.trainable and cfg.fn is not None
+    n_fn = len(leaves) - (1 if cfg.table_n else 0)
+    grad_leaves = (leaves[:n_fn] if cfg.grad_fn else []) + (leaves[n_fn:] if cfg.table_n else [])
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
     out_specs = [q_spec]
-    if grads:
-        for x in leaves:
+    if grad_leaves:
+        for x in grad_leaves:
             out_shape.append(jax.ShapeDtypeStruct((b, h, cfg.nq) + x.shape[1:], jnp.float32))
             out_specs.append(pl.BlockSpec(
                 (None, None, None) + x.shape[1:],
@@ -532,11 +603,9 @@ def _backward(cfg: _Cfg, interpret, q, k, v, qpos, kpos, leaves, cq, ck, o, lse,
         out_specs=out_specs, **_call_kwargs(interpret, "relpos_flash_dq"),
     )(q, k, v, do, lse, delta, qpos, kpos, *leaves, *c_in)
     dq = dq_out[0]
-    if grads:
-        dleaves = [g.sum(axis=(0, 2)).astype(x.dtype)
-                   for g, x in zip(dq_out[1:1 + len(leaves)], leaves)]
-    else:
-        dleaves = [jnp.zeros_like(x) for x in leaves]
+    sums = iter([g.sum(axis=(0, 2)) for g in dq_out[1:1 + len(grad_leaves)]])
+    dleaves = [next(sums).astype(x.dtype) if (i < n_fn and cfg.grad_fn) or i >= n_fn
+               else jnp.zeros_like(x) for i, x in enumerate(leaves)]
     dcq = dq_out[-1] if cfg.has_c else None
     dck = dkv[2] if cfg.has_c else None
     return dq, dkv[0], dkv[1], dleaves, dcq, dck
@@ -600,6 +669,13 @@ def flash_attention(q, k, v, *, q_pos, k_pos, bias: KernelBias | None = None,
     qpos = _pad(jnp.broadcast_to(q_pos, (nb, tq)), 1, nq * bq, "edge")
     kpos = _pad(jnp.broadcast_to(k_pos, (nb, tk)), 1, nk * bk, "edge")
     leaves, treedef = ([], None) if bias is None else jax.tree.flatten(bias.params)
+    if not leaves:
+        treedef = None
+    table_n = 0
+    if bias is not None and bias.table is not None:
+        table = jnp.asarray(bias.table, jnp.float32)
+        table_n = table.shape[1]
+        leaves = leaves + [_pad(table, 1, _next_pow2(table_n))]  # Triton: power-of-two block
     c = token_bias
     if isinstance(c, CumulativeBias):
         c = jnp.cumsum(c.increments.astype(jnp.float32), axis=1)
@@ -607,7 +683,9 @@ def flash_attention(q, k, v, *, q_pos, k_pos, bias: KernelBias | None = None,
     cfg = _Cfg(fn=None if bias is None else bias.fn, treedef=treedef,
                trainable=bool(bias is not None and bias.trainable), has_c=has_c,
                scale=float(scale), inside=bool(bias_inside_scale), bq=bq, bk=bk, tq=tq, tk=tk,
-               nq=nq, nk=nk, batched_pos=batched, window=int(window))
+               nq=nq, nk=nk, batched_pos=batched, window=int(window),
+               index_fn=None if bias is None else bias.index, table_n=table_n,
+               beyond="clip" if bias is None else bias.beyond)
     dp = _next_pow2(d)  # Triton tiles: power-of-two head size (zeros change nothing)
     qp, kp, vp = (_pad(_pad(x, 3, dp), 1, n * blk)
                   for x, n, blk in ((q, nq, bq), (k, nk, bk), (v, nk, bk)))
