@@ -64,7 +64,9 @@ def collect(inputs: list[str]) -> list[dict]:
     expanded = []
     for item in inputs:  # shell-style patterns select runs, e.g. runs/quick/bias=alibi*
         # (``**`` spans folders: runs/quick/**/results.json is every run without its re-evaluations)
-        if glob.has_magic(item):  # a pattern may match nothing (scheme not in this sweep)
+        # an existing path is taken as it is (a multirun folder name may hold brackets)
+        if glob.has_magic(item) and not Path(item).expanduser().exists():
+            # a pattern may match nothing (scheme not in this sweep)
             expanded += sorted(glob.glob(os.path.expanduser(item), recursive=True))
         else:
             expanded.append(item)

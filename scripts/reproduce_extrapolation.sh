@@ -6,6 +6,7 @@
 #   scripts/reproduce_extrapolation.sh ablation       # offset/T5 table ablation + policy and RoPE re-evaluations (needs quick)
 #   scripts/reproduce_extrapolation.sh lengths        # the breakpoint at L = 32 and 128 (L = 64: quick)
 #   scripts/reproduce_extrapolation.sh sensitivity    # FIRE threshold, xPos scale_base, Sandwich d'
+#   scripts/reproduce_extrapolation.sh context        # the quick runs with keys beyond L masked (needs quick)
 #   scripts/reproduce_extrapolation.sh all            # the four above, in that order
 #   scripts/reproduce_extrapolation.sh paper_reduced  # short GPU run
 #   scripts/reproduce_extrapolation.sh paper          # the full GPU setting (needs network)
@@ -26,6 +27,7 @@ mkdir -p "$study/results"
 start=$(date +%s)
 # relpos-eval settings of the presets (relpos-eval does not read experiment presets)
 QUICK_EVAL=("eval.multiples=[1,2,4,8,16,32]" "eval.modes=[nonoverlap,sliding]" eval.tokens=65536)
+CONTEXT_EVAL=("eval.multiples=[1,4,32]" "eval.modes=[nonoverlap,sliding]" eval.tokens=65536)
 LENGTHS_EVAL=("eval.lengths=[32,64,128,256,512,1024,2048]" "eval.modes=[nonoverlap]" eval.tokens=65536)
 
 train() {  # train PRESET_DIR ARGS...: one sweep unless SKIP_TRAIN
@@ -107,15 +109,28 @@ sensitivity() {
     "$R/sens_fire" "$R/sens_xpos" "$R/sens_sandwich" "$R/quick/bias=fire,*/**/results.json" \
     "$R/quick/bias=xpos,*/**/results.json" "$R/quick/bias=sandwich,*/**/results.json"
 }
+context() {  # does a scheme use the context beyond L? The same runs and targets with every
+  # key at an offset >= L (64) masked (eval.key_window), seeds 0-2
+  local s inputs=()
+  for s in alibi kerple_log kerple_power sandwich fire t5 rope none; do
+    reeval "$R/quick" "*/bias=$s,*seed=[012]*" eval_window.json "$s (keys < 64)" \
+      eval.key_window=64 "${CONTEXT_EVAL[@]}"  # 64: the quick preset's train.length
+    [ -d "$R/quick" ] || continue  # the same runs (seeds 0-2), with and without the window
+    while IFS= read -r -d '' f; do inputs+=("$f"); done < <(find "$R/quick" \
+      -path "*/bias=$s,*seed=[012]*" \( -name results.json -o -name eval_window.json \) -print0 | sort -z)
+  done
+  plot context "Context beyond L: the quick runs, and the same runs with keys at offsets >= L masked" \
+    "${inputs[@]}"
+}
 
 case "$preset" in
-  quick|ablation|lengths|sensitivity) "$preset" ;;
-  all) quick; ablation; lengths; sensitivity ;;
+  quick|ablation|lengths|sensitivity|context) "$preset" ;;
+  all) quick; ablation; lengths; sensitivity; context ;;
   paper|paper_reduced)
     train "$R/$preset" "+experiment=extrapolation_$preset"
     plot "$preset" "$([ "$preset" = paper ] && echo "Paper preset: GPT-2-small-like LM trained at 512 tokens" \
       || echo "Reduced paper preset: medium LM trained at 512 tokens, bf16")" "$R/$preset" ;;
-  *) echo "usage: $0 [quick|ablation|lengths|sensitivity|all|paper_reduced|paper] [relpos-train overrides...]" >&2
+  *) echo "usage: $0 [quick|ablation|lengths|sensitivity|context|all|paper_reduced|paper] [relpos-train overrides...]" >&2
      exit 2 ;;
 esac
 echo "finished in $(( $(date +%s) - start )) s"

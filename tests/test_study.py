@@ -48,7 +48,7 @@ def test_reproduce_script_miniature(tmp_path):
                  "train.log_every=3", "train.checkpoint_every=6", "eval.tokens=256",
                  *tiny_args(corpus, tmp_path / "cache", multiples="[1,4]"),
                  "hydra.sweeper.params.seed=0"]
-    for preset in ("quick", "ablation"):
+    for preset in ("quick", "ablation", "context"):
         out = subprocess.run(["bash", str(ROOT / "scripts/reproduce_extrapolation.sh"), preset,
                               *overrides], capture_output=True, text=True, env=env, timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]
@@ -69,4 +69,8 @@ def test_reproduce_script_miniature(tmp_path):
     assert {"offset (zero beyond L)", "offset (mask beyond L)", "offset (4L table)",
             "offset (4L table + decay)", "offset (randomized positions)", "t5 (max_distance L)",
             "t5 (max_distance 2L)", "alibi", "offset"} <= labels
-    assert not any((study / "figures" / p / "plot.log").exists() for p in ("quick", "ablation"))
+    context = {r["label"]: r for r in json.loads((study / "results" / "context.json").read_text())}
+    assert sorted(context) == ["alibi", "alibi (keys < 64)"]
+    assert context["alibi (keys < 64)"]["key_window"] == 64
+    assert not any((study / "figures" / p / "plot.log").exists()
+                   for p in ("quick", "ablation", "context"))
