@@ -202,6 +202,51 @@ def test_memory_is_linear_in_length():
     assert compiled.memory_analysis().temp_size_in_bytes < t * t * 4 / 4
 
 
+def test_kernels_lower_to_triton_for_gpu(monkeypatch):
+    """Every kernel (forward, dk/dv, dq) of every adapted scheme goes through the Pallas
+    Triton lowering and its Triton module verifies, on this CPU-only machine (lowering
+    for the cuda platform, nothing compiled or run): no primitive without a Triton rule,
+    no non-power-of-two tensor. bf16 at GPT-2 head size, one case with a token bias, an
+    attention window and ragged positions."""
+    from jax import export
+    from jax._src.pallas.triton import lowering
+
+    verified = []
+    lower = lowering.lower_jaxpr_to_triton_module
+
+    def checked(*args, **kwargs):
+        result = lower(*args, **kwargs)
+        assert result.module.operation.verify()
+        verified.append(1)
+        return result
+
+    monkeypatch.setattr(lowering, "lower_jaxpr_to_triton_module", checked)
+    h, d, t = 4, 64, 192
+    q = k = v = jnp.ones((2, t, h, d), jnp.bfloat16)
+    triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+    for name in ["none", "alibi", "hard_alibi", "offset", "t5", "kerple_power", "kerple_log",
+                 "sandwich", "fire"]:
+        scheme = None if name == "none" else positions.build(name, num_heads=h, head_dim=d,
+                                                              rngs=nnx.Rngs(0))
+        graphdef, state = nnx.split(scheme) if scheme is not None else (None, None)
+        extra = {}
+        if name == "fire":
+            extra = dict(token_bias=jnp.zeros((2, t, h)), window=100,
+                         q_pos=jnp.arange(t)[None, 32:] * 2, k_pos=jnp.arange(t)[None] * 2)
+
+        def loss(state, q, k, v, extra=extra, graphdef=graphdef):
+            bias = None if state is None else flash.kernel_bias(nnx.merge(graphdef, state), h)
+            kw = {"q_pos": jnp.arange(t), "k_pos": jnp.arange(t), **extra}
+            q = q[:, -kw["q_pos"].shape[-1]:]
+            return flash.flash_attention(q, k, v, bias=bias, interpret=False,
+                                         **kw).astype(jnp.float32).sum()
+
+        before = len(verified)
+        export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))), platforms=["cuda"],
+                      disabled_checks=[triton])(state, q, k, v)
+        assert len(verified) - before == 3, name  # forward, dk/dv, dq
+
+
 def test_refuses_what_it_cannot_evaluate():
     cfg = ModelConfig(vocab_size=61, d_model=32, num_layers=1, num_heads=H, attn_impl="flash")
     for name, hook in [("cope", "modify_logits"), ("stickbreaking", "normalize"),

@@ -64,19 +64,23 @@ Why it has the shape it has
   query block), so that no output is written by two programs and no atomics are needed.
   ``delta = rowsum(o * do)`` is a cheap XLA reduction in between.
 
-GPU notes (unverified: no GPU was available when this was written; every check ran
-in Pallas interpret mode on CPU). The kernels are written for the Pallas Triton
-lowering: power-of-two blocks (default 64 x 64; the head size is zero-padded to a power
-of two), ``pl.ds`` slices of K/V/Q refs, ``lax.fori_loop`` with program-dependent
-bounds, 2-D ``dot``. Closed-form biases (ALiBi, KERPLE, Sandwich, FIRE) use elementwise
-ops and reductions only, but Sandwich and FIRE build 3-D ``[bq, bk, n]`` intermediates
-(``n`` = frequencies, MLP width) whose Triton lowering and register pressure are
-unchecked. The table lookup is a ref gather (see above; its lowering is read from the
-JAX source, not run). The adapters take their head's parameters with ``x[0]`` of a
-size-1 axis (a squeeze, which lowers). The generic fallback for schemes without an
-adapter computes all heads per tile and selects one with a dynamic index, which Triton
-cannot lower (``dynamic_slice`` has no rule): it serves interpret mode only. ``auto``
-never picks this path (see :func:`relpos.nn.attention.choose_impl`).
+GPU notes. No GPU was available when this was written. Values and gradients were checked
+in Pallas interpret mode on CPU, and every kernel of every adapted scheme was lowered
+for the cuda platform on CPU, through the Pallas Triton lowering to a Triton module that
+verifies (``tests/test_flash.py``); nothing was compiled to PTX or run on a GPU, so
+Triton's own compiler passes, register pressure and speed are unchecked. The kernels
+use power-of-two blocks (default 64 x 64; the head size is zero-padded to a power of
+two), ``pl.ds`` slices of the Q/K/V refs, ``lax.fori_loop`` with program-dependent
+bounds and 2-D dots. The closed-form biases (ALiBi, KERPLE, Sandwich, FIRE) are
+elementwise ops and reductions, but Sandwich and FIRE build 3-D ``[bq, bk, n]`` tiles
+(``n``: frequencies, MLP width); FIRE's is 64 x 64 x 32 fp32, more than a GPU's
+registers, so expect spills there. fp32 inputs take Triton's default dot precision
+(TF32 on recent GPUs), as XLA's default does. The adapters take their head's parameters
+with ``x[0]`` of a size-1 axis (a squeeze, which lowers). The generic fallback for
+schemes without an adapter computes all heads per tile and selects one with a dynamic
+index (and, for a table scheme, ``jnp.take``), which Triton cannot lower: it serves
+interpret mode only. ``auto`` never picks this path (see
+:func:`relpos.nn.attention.choose_impl`).
 """
 
 from __future__ import annotations
