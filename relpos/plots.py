@@ -242,6 +242,50 @@ def diagnostics_table(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def key_window_table(results: list[dict]) -> str:
+    """For every run re-evaluated with ``eval.key_window`` W beside its own unmasked
+    evaluation (the same run folder; label ``X (keys < W)`` beside ``X``): the per-seed loss
+    difference, masked minus full context, on the same targets, per mode and length:
+    mean [95% t interval over seeds]. Below zero: the masked keys helped the model."""
+    full = {(r.get("run_dir"), label_of(r)): r for r in results if not r.get("key_window")}
+    diffs: dict[tuple, dict[tuple, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in results:
+        if not r.get("key_window"):
+            continue
+        base_label = label_of(r).removesuffix(f" (keys < {r['key_window']})")
+        base = full.get((r.get("run_dir"), base_label))
+        if base is None:
+            continue
+        loss = {(e["mode"], e["length"]): e["loss"] for e in base["eval"] if "loss" in e}
+        for e in r["eval"]:
+            if "loss" in e and (e["mode"], e["length"]) in loss:
+                diffs[(label_of(base), r["key_window"])][(e["mode"], e["length"])].append(
+                    e["loss"] - loss[(e["mode"], e["length"])])
+    if not diffs:
+        return ""
+    cols = sorted({c for v in diffs.values() for c in v}, key=lambda c: (c[0] != "nonoverlap",
+                                                                          c[0], c[1]))
+    lines = ["Keys at offsets >= W masked minus the full context, loss on the same targets "
+             "(nats; per-seed difference, mean [95% t interval over seeds]; below 0: the "
+             "masked keys helped)", "",
+             "| scheme | W | seeds | " + " | ".join(f"{m} {L}" for m, L in cols) + " |",
+             "|---|---|---|" + "---|" * len(cols)]
+    for (lab, w) in sorted(diffs, key=lambda k: (_order(list({k[0] for k in diffs})).index(k[0]),
+                                                  k[1])):
+        d = diffs[(lab, w)]
+        cells = []
+        for c in cols:
+            v = d.get(c, [])
+            if not v:
+                cells.append("–")
+                continue
+            m, lo, hi = seed_interval(v)
+            cells.append(f"{m:+.4f} [{lo:+.4f}, {hi:+.4f}]" if len(v) > 1 else f"{m:+.4f}")
+        lines.append(f"| {lab} | {w} | {max(len(v) for v in d.values())} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def profile_offsets(train_length: int, max_length: int, points: int = 256) -> np.ndarray:
     """Every offset up to 2x the training length, then ``points`` log-spaced ones."""
     dense = np.arange(min(2 * train_length, max_length))
@@ -652,6 +696,8 @@ def make_all(inputs: list[str], out_dir: str, title: str = "",
     written["offset_counts"] = str(out / "offset_counts.png")
     tables = "\n".join(markdown_table(lm, m) for m in ("nonoverlap", "sliding")) if lm else ""
     tables += ("\n" + diagnostics_table(lm)) if lm else ""
+    paired = key_window_table(lm) if lm else ""
+    tables += ("\n" + paired) if paired else ""
     tables += "\n" + accuracy_table(results)
     atomic_write_text(out / "table.md", tables)
     written["table"] = str(out / "table.md")

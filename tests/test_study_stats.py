@@ -265,3 +265,24 @@ def test_a_reevaluation_shows_its_own_bias_profile_or_none(tmp_path):
     own = {**masked, "bias_profile": {"scheme": "offset", "offsets": [0, 9],
                                       "at_max": [[0.5, float("-inf")]], "train_length": 8}}
     assert plots.profile_of(own)["at_max"][0][1] == float("-inf")
+
+
+def test_key_window_table_pairs_each_masked_run_with_its_own_full_evaluation():
+    def res(seed, label, losses, window=None):
+        r = {"label": label, "bias": "alibi", "seed": seed, "train_length": 8,
+             "run_dir": f"runs/s{seed}",
+             "eval": [{"mode": "sliding", "length": 8 * k, "loss": v}
+                      for k, v in zip((1, 4), losses)]}
+        if window:
+            r["key_window"] = window
+        return r
+    runs = [res(0, "alibi", [1.0, 1.10]), res(1, "alibi", [1.2, 1.30]),
+            res(2, "alibi", [1.1, 1.20]),
+            res(0, "alibi (keys < 8)", [1.0, 1.00], 8), res(1, "alibi (keys < 8)", [1.2, 1.25], 8),
+            res(2, "alibi (keys < 8)", [1.1, 1.12], 8)]
+    table = plots.key_window_table(runs)
+    d = np.array([-0.10, -0.05, -0.08])  # masked minus full at 4x, per seed
+    m, lo, hi = plots.seed_interval(d)
+    row = next(line for line in table.splitlines() if line.startswith("| alibi | 8 | 3 |"))
+    assert "+0.0000" in row and f"{m:+.4f} [{lo:+.4f}, {hi:+.4f}]" in row
+    assert plots.key_window_table(runs[:3]) == ""  # nothing masked: no table
