@@ -72,9 +72,10 @@ Triton's own compiler passes, register pressure and speed are unchecked. The ker
 use power-of-two blocks (default 64 x 64; the head size is zero-padded to a power of
 two), ``pl.ds`` slices of the Q/K/V refs, ``lax.fori_loop`` with program-dependent
 bounds and 2-D dots. The closed-form biases (ALiBi, KERPLE, Sandwich, FIRE) are
-elementwise ops and reductions, but Sandwich and FIRE build 3-D ``[bq, bk, n]`` tiles
-(``n``: frequencies, MLP width); FIRE's is 64 x 64 x 32 fp32, more than a GPU's
-registers, so expect spills there. fp32 inputs take Triton's default dot precision
+elementwise ops and reductions on 2-D tiles: Sandwich sums its cosines and FIRE runs
+its MLP one frequency / hidden unit at a time (``fori_loop``), FIRE with its per-tile
+VJP written out in the same loop, rather than on ``[bq, bk, n]`` tiles (64 x 64 x 32
+fp32 for FIRE, more than a GPU's registers). fp32 inputs take Triton's default dot precision
 (TF32 on recent GPUs), as XLA's default does. The adapters take their head's parameters
 with ``x[0]`` of a size-1 axis (a squeeze, which lowers). The generic fallback for
 schemes without an adapter computes all heads per tile and selects one with a dynamic
@@ -121,6 +122,8 @@ class KernelBias:
       trainable: whether gradients flow to ``params`` (False: constants only; the kernel
         then skips the per-tile VJP).
       owner: the scheme's name, for messages.
+      vjp: optional ``(params_h, h, q_pos, k_pos, g [bq, bk]) -> d params_h``, the bias's
+        VJP for one tile written out (default: ``jax.vjp`` of ``fn``).
       index, table, beyond: a looked-up bias (offset table, T5 buckets), added to ``fn``'s
         (``fn`` may then be None): ``index(q_pos [bq], k_pos [bk]) -> int32 [bq, bk]``
         (non-negative) into ``table [H, N]``; an index ``>= N`` follows ``beyond``
@@ -137,6 +140,7 @@ class KernelBias:
     index: Callable | None = None
     table: jax.Array | None = None
     beyond: str = "clip"
+    vjp: Callable | None = None
 
 
 # ----------------------------------------------------------------------------- schemes
@@ -181,28 +185,80 @@ def _kerple(formula):
     return make
 
 
+def _entry(vec, j):
+    """``vec[j]`` for a traced ``j`` as a masked sum: a dynamic index of a loaded array has
+    no Triton lowering, a reduction does."""
+    return jnp.sum(jnp.where(jnp.arange(vec.shape[0]) == j, vec, 0.0))
+
+
+def _pow2(x, axis: int = 1):
+    """Zero-pad ``axis`` to a power of two (Triton tensors); loops stop at the true size."""
+    n = x.shape[axis]
+    return _pad(x, axis, _next_pow2(n)) if n & (n - 1) else x
+
+
 def _sandwich(s: sandwich.Sandwich, h: int) -> KernelBias:
+    freqs = sandwich.sandwich_frequencies(s.dim)
+
     def fn(p, _h, qp, kp):
         dist = causal_distance(qp, kp).astype(jnp.float32)
-        shared = jnp.sum(jnp.cos(dist[..., None] * p["inv_freq"]), axis=-1) - s.dim / 2
-        return shared / p["scale"][0]
-    consts = {"inv_freq": _per_head(jnp.asarray(sandwich.sandwich_frequencies(s.dim)), h),
+        # one frequency at a time: 2-D tiles only (a [bq, bk, d'/2] tile exceeds registers)
+        shared = jax.lax.fori_loop(
+            0, len(freqs), lambda k, acc: acc + jnp.cos(dist * _entry(p["inv_freq"], k)),
+            jnp.zeros_like(dist))
+        return (shared - s.dim / 2) / p["scale"][0]
+    consts = {"inv_freq": _pow2(_per_head(jnp.asarray(freqs), h)),
               "scale": _per_head(jnp.asarray(sandwich.sandwich_head_scales(s.num_heads)), h)}
     return KernelBias(fn, consts, trainable=False)
 
 
 def _fire(s: fire.FIRE, h: int) -> KernelBias:
+    """FIRE's MLP one hidden unit at a time on 2-D tiles (a ``[bq, bk, width]`` tile is
+    64 x 64 x 32 fp32 at the defaults, more than a GPU's registers), with its VJP written
+    out in the same loop: the autodiff of that loop would keep every unit's tile."""
+    width = s.fc1.kernel.shape[1]
+
+    def unit(p, j, u):
+        return u * _entry(p["w1"], j) + _entry(p["b1"], j), _entry(p["w2"], j)
+
+    def distance(p, qp, kp):
+        return fire.fire_normalized_distance(qp, kp, p["c"][0], p["threshold"][0], s.eps)
+
     def fn(p, _h, qp, kp):
-        u = fire.fire_normalized_distance(qp, kp, p["c"][0], p["threshold"][0], s.eps)
-        hidden = jax.nn.relu(u[..., None] * p["w1"] + p["b1"])  # [bq, bk, width]
-        return jnp.sum(hidden * p["w2"], axis=-1) + p["b2"][0]
+        u = distance(p, qp, kp)
+
+        def body(j, b):
+            pre, w2 = unit(p, j, u)
+            return b + jnp.maximum(pre, 0.0) * w2
+        return jax.lax.fori_loop(0, width, body, jnp.zeros_like(u)) + p["b2"][0]
+
+    def vjp(p, _h, qp, kp, g):
+        u, u_vjp = jax.vjp(lambda c, t: fire.fire_normalized_distance(qp, kp, c, t, s.eps),
+                           p["c"][0], p["threshold"][0])
+        slots = jnp.arange(p["w1"].shape[0])
+
+        def body(j, carry):
+            du, dw1, db1, dw2 = carry
+            pre, w2 = unit(p, j, u)
+            on = pre > 0.0  # relu'(0) = 0, as jax.nn.relu
+            dpre = jnp.where(on, g * w2, 0.0)
+            put = lambda acc, x: acc + jnp.where(slots == j, jnp.sum(x), 0.0)
+            return (du + dpre * _entry(p["w1"], j), put(dw1, dpre * u), put(db1, dpre),
+                    put(dw2, jnp.where(on, g * pre, 0.0)))
+        zeros = jnp.zeros_like(p["w1"])
+        du, dw1, db1, dw2 = jax.lax.fori_loop(0, width, body,
+                                              (jnp.zeros_like(u), zeros, zeros, zeros))
+        dc, dt = u_vjp(du)
+        return {"c": dc.reshape(1), "threshold": dt.reshape(1), "w1": dw1, "b1": db1,
+                "w2": dw2, "b2": jnp.sum(g).reshape(1)}
+
     params = {"c": _per_head(s.c[...], h),
               "threshold": _per_head(jnp.abs(s.l[...]) * s.threshold, h),
-              "w1": _per_head(s.fc1.kernel[...][0], h),  # [1, width] -> [H, width]
-              "b1": _per_head(s.fc1.bias[...], h),
-              "w2": jnp.asarray(s.fc2.kernel[...], jnp.float32).T,  # [width, H] -> [H, width]
+              "w1": _pow2(_per_head(s.fc1.kernel[...][0], h)),  # [1, width] -> [H, width]
+              "b1": _pow2(_per_head(s.fc1.bias[...], h)),
+              "w2": _pow2(jnp.asarray(s.fc2.kernel[...], jnp.float32).T),  # [H, width]
               "b2": _per_head(s.fc2.bias[...], h)}
-    return KernelBias(fn, params)
+    return KernelBias(fn, params, vjp=vjp)
 
 
 #: scheme class -> KernelBias builder ``(scheme, num_heads)``
@@ -299,6 +355,7 @@ class _Cfg:
     index_fn: Callable | None = None  # looked-up bias (KernelBias.index), table of
     table_n: int = 0  # this many entries (0: none; its ref is the last parameter ref)
     beyond: str = "clip"
+    fn_vjp: Callable | None = None
 
     @property
     def grad_fn(self) -> bool:  # the per-tile VJP of fn
@@ -316,7 +373,10 @@ def _logits(cfg: _Cfg, q, k, qpos, kpos, q_idx, k_idx, params, t_ref, h, cq, ck,
                               preferred_element_type=jnp.float32)
     vjp = b = looked_up = None
     if cfg.fn is not None:
-        if want_vjp:
+        if want_vjp and cfg.fn_vjp is not None:
+            b = cfg.fn(params, h, qpos, kpos).astype(jnp.float32)
+            vjp = lambda g: (cfg.fn_vjp(params, h, qpos, kpos, g),)
+        elif want_vjp:
             b, vjp = jax.vjp(lambda p: cfg.fn(p, h, qpos, kpos).astype(jnp.float32), params)
         else:
             b = cfg.fn(params, h, qpos, kpos).astype(jnp.float32)
@@ -689,7 +749,8 @@ def flash_attention(q, k, v, *, q_pos, k_pos, bias: KernelBias | None = None,
                scale=float(scale), inside=bool(bias_inside_scale), bq=bq, bk=bk, tq=tq, tk=tk,
                nq=nq, nk=nk, batched_pos=batched, window=int(window),
                index_fn=None if bias is None else bias.index, table_n=table_n,
-               beyond="clip" if bias is None else bias.beyond)
+               beyond="clip" if bias is None else bias.beyond,
+               fn_vjp=None if bias is None else bias.vjp)
     dp = _next_pow2(d)  # Triton tiles: power-of-two head size (zeros change nothing)
     qp, kp, vp = (_pad(_pad(x, 3, dp), 1, n * blk)
                   for x, n, blk in ((q, nq, bq), (k, nk, bk), (v, nk, bk)))
