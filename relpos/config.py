@@ -104,7 +104,14 @@ class TrainSection:
     # function of (seed, step), built ahead in a thread (train.prefetch calls ahead)
     loader: str = choice("auto", ("auto", "device", "host"), **FREE)
     prefetch: int = field(default=2, metadata=FREE)  # calls prepared ahead; 0: none
-    distributed: bool = field(default=False, metadata=FREE)  # jax.distributed.initialize()
+    # several processes train one model (jax.distributed.initialize; with parallel=data or
+    # fsdp). The coordinator (host:port of process 0), process count and this process's
+    # id: null reads them from the environment (SLURM under srun, or JAX_COORDINATOR_ADDRESS,
+    # JAX_NUM_PROCESSES, JAX_PROCESS_ID)
+    distributed: bool = field(default=False, metadata=FREE)
+    coordinator: str | None = field(default=None, metadata=FREE)
+    num_processes: int | None = field(default=None, metadata=FREE)
+    process_id: int | None = field(default=None, metadata=FREE)
     progress: bool = field(default=True, metadata=FREE)
 
 

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,9 +39,17 @@ from relpos.errors import RelposError, check_positive_float, check_positive_int
 from relpos.io import atomic_write_json, atomic_write_text
 from relpos.nn import count_params
 from relpos.positions import lookup as lookup_scheme
+from relpos.training import distributed as dist
 from relpos.training import parallel as par
 from relpos.training.checkpoint import Checkpoints, has_checkpoint
-from relpos.training.loop import StepInfo, Trainer, TrainState, check_guard, tokens_per_second
+from relpos.training.loop import (
+    Preempted,
+    StepInfo,
+    Trainer,
+    TrainState,
+    check_guard,
+    tokens_per_second,
+)
 from relpos.training.metrics import MetricLogger
 from relpos.training.step import (
     WeightedTokens,
@@ -170,9 +179,21 @@ def _select(tree: dict, dotted: str):
 
 
 def train(cfg, run_dir: Path) -> dict[str, Any]:
-    """Train (resuming if ``run_dir`` has a checkpoint), evaluate, write results.json."""
-    with contextlib.ExitStack() as closing:  # checkpointer, logs, progress bar: any exit
-        return _train(cfg, run_dir, closing)
+    """Train (resuming if ``run_dir`` has a checkpoint), evaluate, write results.json.
+
+    A stop signal raises :class:`relpos.training.loop.Preempted` once the checkpoint of
+    the current step is written; if a handler was installed for the signal before
+    training (submitit's checkpoint-and-requeue, under its launchers), it runs once the
+    run's files are closed, so the requeued job resumes from that step."""
+    try:
+        with contextlib.ExitStack() as closing:  # checkpointer, logs, progress bar: any exit
+            return _train(cfg, run_dir, closing)
+    except Preempted as e:
+        if e.resubmit is not None:
+            notify(f"{e}; handing over to the launcher's handler for "
+                   f"{signal.Signals(e.signum).name} (requeue)")
+            e.resubmit(e.signum)  # submitit: requeues the job and exits
+        raise
 
 
 def _prepare_run_dir(cfg, run_dir: Path) -> None:
@@ -180,13 +201,21 @@ def _prepare_run_dir(cfg, run_dir: Path) -> None:
     if not os.access(run_dir, os.W_OK):
         raise RelposError(f"output directory is not writable: {run_dir}")
     check_resume_compatible(run_dir, cfg)
-    atomic_write_text(run_dir / "relpos_config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    if dist.is_primary():
+        atomic_write_text(run_dir / "relpos_config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    dist.barrier("relpos: run directory")  # every process sees the saved config
 
 
 def _train(cfg, run_dir: Path, closing: contextlib.ExitStack) -> dict[str, Any]:
     check_train_config(cfg)
-    if cfg.train.distributed:  # multi-host: before any JAX computation (SLURM env is read)
-        jax.distributed.initialize()
+    if cfg.train.distributed:  # multi-process: before any JAX computation
+        dist.initialize(cfg.train)
+        log.info("process %d of %d, %d of %d devices here", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
+        dist.check_same(str(run_dir.resolve()), "run directories")
+    if cfg.train.parallel != "none":  # before the data: the global device count is known
+        par.check_batch(par.data_mesh(), cfg.train.batch_size)
+    primary = dist.is_primary()  # process 0 writes the run's files
     _prepare_run_dir(cfg, run_dir)
     task = task_of(cfg)  # None: the corpus LM
     corpus = load_data(cfg.data, task)
@@ -205,7 +234,10 @@ def _train(cfg, run_dir: Path, closing: contextlib.ExitStack) -> dict[str, Any]:
     loader = choose_loader(t, task, corpus.train)
     sample_length = t.length if loader == "device" else None
     mesh = None
-    if t.parallel != "none":  # data parallel / FSDP over every visible device
+    if t.parallel == "none" and jax.process_count() > 1:
+        raise RelposError(f"train.distributed=true runs {jax.process_count()} processes "
+                          "training one model: set train.parallel=data or fsdp")
+    if t.parallel != "none":  # data parallel / FSDP over every device of every process
         mesh = par.data_mesh()
         par.check_batch(mesh, t.batch_size)
         fsdp = t.parallel == "fsdp"
@@ -232,16 +264,18 @@ def _train(cfg, run_dir: Path, closing: contextlib.ExitStack) -> dict[str, Any]:
     log.info("model: %s, %d parameters, bias=%s, %d steps per call", cfg.model.preset,
              n_params, name, per_call)
     metrics = closing.enter_context(contextlib.closing(
-        MetricLogger(run_dir, hparams=_hparams(cfg), enable_tb=True)))
+        MetricLogger(run_dir, hparams=_hparams(cfg), enable_tb=True, enabled=primary)))
     log.info("training batches: %s", "windows gathered on the device from the token array"
              if loader == "device" else "built on the host in a prefetching thread")
     batches = call_inputs(cfg, corpus.train, multi, mesh, task_sampler(cfg, task, corpus.train),
                           on_device=loader == "device")
     progress = closing.enter_context(contextlib.closing(tqdm(
-        total=t.steps, initial=state.step, disable=not t.progress, desc="train", unit="step",
+        total=t.steps, initial=state.step, disable=not (t.progress and primary), desc="train",
+        unit="step",
         dynamic_ncols=True, mininterval=1.0)))
+    agreement = dist.stop_agreement(mesh) if jax.process_count() > 1 else None
     trainer = Trainer(step_fn, batches, total_steps=t.steps, steps_per_call=per_call,
-                      progress=progress, prefetch=t.prefetch)
+                      progress=progress, prefetch=t.prefetch, stop_agreement=agreement)
     tokens_per_step = t.batch_size * t.length
     last = {"loss": None, "steady_steps": 0, "steady_seconds": 0.0}  # at the last log row
     # the schedule's values at every step, computed once: a log row calls no JAX op
@@ -272,12 +306,12 @@ def _train(cfg, run_dir: Path, closing: contextlib.ExitStack) -> dict[str, Any]:
                   {"step": info.state.step, "train_seconds": info.state.train_seconds})
 
     def validate(info: StepInfo):
+        local = nnx.merge(graphdef, dist.to_local(info.state.params))
         if task is not None:
-            metrics.scalars(task_validation(nnx.merge(graphdef, info.state.params), task,
-                                            corpus.val, t.length, cfg.eval), info.state.step)
+            metrics.scalars(task_validation(local, task, corpus.val, t.length, cfg.eval),
+                            info.state.step)
             return
-        val = evaluation.quick_val_loss(nnx.merge(graphdef, info.state.params), corpus.val,
-                                        t.length, cfg.eval)
+        val = evaluation.quick_val_loss(local, corpus.val, t.length, cfg.eval)
         metrics.scalars({"val_loss": val}, info.state.step)
 
     trainer.add_hook(log_row, t.log_every, on_stop=True, state=False)
@@ -309,19 +343,21 @@ def _train(cfg, run_dir: Path, closing: contextlib.ExitStack) -> dict[str, Any]:
     }
     if task is not None:
         results.update(task=task.name, task_options=task.options())
-    model = nnx.merge(graphdef, state.params)
+    model = nnx.merge(graphdef, dist.to_local(state.params))  # every process evaluates
     results["position_coverage"] = evaluation.table_coverage(
         model, build_model(cfg, corpus.vocab_size), train_length=t.length, train_steps=t.steps,
         randomized=bool(t.randomized_positions))
     results.update(evaluations(model, task, corpus, t.length, cfg.eval))
-    profile = evaluation.save_bias_profile(
-        model, run_dir / "bias_profile.json", train_length=t.length,
-        max_length=max(e["length"] for e in results["eval"]))
-    for e in results["eval"]:
-        metrics.scalars(eval_scalars(e), t.steps)
-    metrics.bias_figure(profile, t.steps)
-    metrics.final(results)
-    atomic_write_json(run_dir / "results.json", results)
+    if primary:
+        profile = evaluation.save_bias_profile(
+            model, run_dir / "bias_profile.json", train_length=t.length,
+            max_length=max(e["length"] for e in results["eval"]))
+        for e in results["eval"]:
+            metrics.scalars(eval_scalars(e), t.steps)
+        metrics.bias_figure(profile, t.steps)
+        metrics.final(results)
+        atomic_write_json(run_dir / "results.json", results)
+    dist.barrier("relpos: results written")
     return results
 
 

@@ -14,6 +14,7 @@ from relpos import runs
 from relpos.cli.common import fail, format_table, interruptible, path_override, report
 from relpos.config import register_schemas
 from relpos.io import config_dir
+from relpos.training.distributed import is_primary, process_index_hint
 from relpos.training.loop import Preempted
 
 register_schemas()
@@ -35,8 +36,9 @@ def summary(results: dict, run_dir: Path) -> str:
 def _train(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     results = report("relpos-train", lambda: runs.train(cfg, run_dir), stopped=(Preempted,))
-    print(format_table(results))
-    print(summary(results, run_dir), flush=True)
+    if is_primary():  # one table for a multi-process run
+        print(format_table(results))
+        print(summary(results, run_dir), flush=True)
     first = results["eval"][0]  # for Hydra sweepers that minimise
     return first["loss"] if "loss" in first else 1.0 - first["accuracy"]
 
@@ -54,6 +56,16 @@ def check_task_choice(argv: list[str]) -> None:
                                          f"{', '.join(valid)} (configs/task/)")
 
 
+def quiet_secondary_process(argv: list[str]) -> list[str]:
+    """In a multi-process run (``train.distributed=true``), processes other than 0 leave
+    the run directory to process 0: no ``.hydra/`` copy, no ``train.log`` (their warnings
+    and errors still reach the console)."""
+    if process_index_hint(argv) == 0:
+        return argv
+    return [*argv, "hydra.output_subdir=null", "hydra/job_logging=stdout"]
+
+
 def main() -> None:
     check_task_choice(sys.argv[1:])
+    sys.argv[1:] = quiet_secondary_process(sys.argv[1:])
     interruptible("relpos-train", _train)

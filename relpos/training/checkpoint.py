@@ -12,6 +12,10 @@
   to older steps when the newest cannot be read.
 * :meth:`Checkpoints.restore_params` restores the parameters alone, so evaluation never
   builds an optimiser.
+* Several processes (``train.distributed=true``) save and restore together: orbax
+  writes each array once (each shard by the process holding its first replica, the
+  metadata by process 0), and a checkpoint restores in whatever layout the restoring
+  run asks for (``abstract_state``'s shardings), so it resumes on any process count.
 """
 
 from __future__ import annotations
@@ -56,8 +60,7 @@ class Checkpoints:
             raise RelposError(
                 f"checkpoint {step} in {self.directory} was written but cannot be read back "
                 f"({type(e).__name__}: {_first_line(e)}); training stopped") from e
-        bad = [jax.tree_util.keystr(k) for k, a, b in _pairs(state, back)
-               if not np.array_equal(np.asarray(a), np.asarray(b))]
+        bad = [jax.tree_util.keystr(k) for k, a, b in _pairs(state, back) if not _equal(a, b)]
         if bad:
             raise RelposError(f"checkpoint {step} in {self.directory} reads back different "
                               f"values ({', '.join(bad[:3])}); training stopped")
@@ -105,6 +108,10 @@ class Checkpoints:
 
     def _set_aside(self, steps) -> None:
         root = self.directory
+        if jax.process_index() != 0:  # process 0 renames; the others wait for it
+            _barrier("relpos: checkpoints set aside")
+            self.mgr.reload()
+            return
         for step in steps:
             target = root / f"{step}.unreadable"
             n = 1
@@ -112,6 +119,7 @@ class Checkpoints:
                 target, n = root / f"{step}.unreadable{n}", n + 1
             (root / str(step)).rename(target)
             log.warning("moved unreadable checkpoint %s aside to %s", step, target)
+        _barrier("relpos: checkpoints set aside")
         self.mgr.reload()
 
     def close(self):
@@ -121,6 +129,23 @@ class Checkpoints:
 def has_checkpoint(directory: Path) -> bool:
     """Whether ``directory`` holds at least one saved step."""
     return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
+def _equal(a, b) -> bool:
+    """Array equality; for an array split across processes, of this process's shards."""
+    if isinstance(a, jax.Array) and not a.is_fully_addressable:
+        key = lambda shard: shard.device.id  # noqa: E731
+        return all(np.array_equal(np.asarray(x.data), np.asarray(y.data)) for x, y in
+                   zip(sorted(a.addressable_shards, key=key),
+                       sorted(b.addressable_shards, key=key)))
+    return np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _first_line(e: Exception) -> str:

@@ -167,9 +167,10 @@ class Trainer:
     ``prefetch`` > 0 it runs that many calls ahead in a background thread
     (:mod:`relpos.training.feed`).
 
-    ``stop_agreement`` (multi-process runs): ``fn(local_flag) -> device array`` that is
-    true on every process if any process received a stop signal; it is dispatched after
-    each call and read one call later, so that every process stops after the same step.
+    ``stop_agreement`` (multi-process runs): ``fn(signum or 0) -> device scalar``, the
+    largest over the processes (nonzero on every process if any received a stop
+    signal); it is dispatched after each call and read one call later, so that every
+    process stops after the same step.
     """
 
     def __init__(self, step_fn, batches: Callable[[int, int], tuple], *, total_steps: int,
@@ -232,11 +233,12 @@ class Trainer:
                 for h in hooks:
                     h.fn(info)
                 lagged = None
-            if self.stop_agreement is not None:
-                stopping = agreed is not None and bool(agreed)
-                agreed = self.stop_agreement(sig.signum is not None)
+            if self.stop_agreement is not None:  # the previous call's, read one call later
+                signum = int(agreed) if agreed is not None else 0
+                agreed = self.stop_agreement(sig.signum or 0)
             else:
-                stopping = sig.signum is not None
+                signum = sig.signum or 0
+            stopping = signum > 0
             final = state.step >= self.total_steps
             due = [h for h in self.hooks if h.due(state.step, final, stopping)]
             if not due:
@@ -254,8 +256,7 @@ class Trainer:
                 snapshot = TrainState(None, None, None, state.step, state.train_seconds)
                 lagged = (due, StepInfo(snapshot, metrics, clock, final, stopping))
             if stopping:
-                raise Preempted(sig.signum or signal.SIGTERM, state.step, stop_hint,
-                                chained_handler(sig.previous))
+                raise Preempted(signum, state.step, stop_hint, chained_handler(sig.previous))
         return state
 
 

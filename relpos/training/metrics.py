@@ -18,22 +18,29 @@ def json_safe(v):
 
 
 class MetricLogger:
-    def __init__(self, run_dir: Path, *, hparams: dict | None = None, enable_tb: bool = True):
-        self.run_dir = run_dir
+    """``enabled=False`` (processes other than 0 of a multi-process run): writes nothing,
+    opens no file."""
+
+    def __init__(self, run_dir: Path, *, hparams: dict | None = None, enable_tb: bool = True,
+                 enabled: bool = True):
+        self.run_dir, self.enabled = run_dir, enabled
+        self.tb, self.hparams = None, hparams or {}
+        if not enabled:
+            return
         path = run_dir / "metrics.jsonl"
         self.jsonl = open(path, "a")
         if self.jsonl.tell() and not _ends_with_newline(path):
             self.jsonl.write("\n")  # a killed run can leave half a row: start a fresh line
-        self.tb = None
         if enable_tb:
             from tensorboardX import SummaryWriter
 
             self.tb = SummaryWriter(str(run_dir / "tb"))
             if hparams:
                 self.tb.add_text("hparams", "\n".join(f"- {k}: {v}" for k, v in hparams.items()))
-        self.hparams = hparams or {}
 
     def scalars(self, row: dict, step: int) -> None:
+        if not self.enabled:
+            return
         row = {"step": step, **{k: json_safe(v) for k, v in row.items() if k != "step"}}
         self.jsonl.write(json.dumps(row, allow_nan=False) + "\n")
         self.jsonl.flush()
@@ -64,6 +71,8 @@ class MetricLogger:
             self.tb.add_figure("position_bias", fig, step)
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
