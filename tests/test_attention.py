@@ -167,8 +167,8 @@ def test_choose_impl():
     assert choose_impl("auto", length=128, dtype=jnp.float32, dense_max_len=256) == "dense"
     assert choose_impl("auto", length=512, dtype=jnp.float32, dense_max_len=256) == "blockwise"
     assert choose_impl("dense", length=10**6, dtype=jnp.float32, dense_max_len=1) == "dense"
-    with pytest.raises(ValueError, match="one of auto, dense, blockwise, cudnn"):
-        choose_impl("flash", length=1, dtype=jnp.float32, dense_max_len=1)
+    with pytest.raises(ValueError, match="one of auto, dense, blockwise, cudnn, flash"):
+        choose_impl("flashy", length=1, dtype=jnp.float32, dense_max_len=1)
 
 
 def test_auto_sends_learned_biases_to_cudnn_only_if_its_gradient_checks_out(monkeypatch):

@@ -31,6 +31,8 @@ def test_scheme_options_follow_training_configs():
     assert scheme_options("offset", 96)["size"] == 96
     assert scheme_options("learned_abs", 96)["max_length"] == 96
     assert "name" not in scheme_options("alibi", 96)
+    # T5's max_distance follows the length through its defaults list and a resolver
+    assert scheme_options("t5", 96) == {"num_buckets": 32, "max_distance": 48, "init_std": 0.02}
 
 
 def test_bench_main_writes_json(tmp_path, capsys):

@@ -128,7 +128,7 @@ def test_bf16_compute_runs_and_is_close():
     (dict(d_model=0), "model.d_model must be an integer >= 1"),
     (dict(num_layers=-1), "model.num_layers must be an integer >= 1"),
     (dict(dtype="float16"), "model.dtype must be one of"),
-    (dict(attn_impl="flash"), "model.attn_impl must be one of"),
+    (dict(attn_impl="flashy"), "model.attn_impl must be one of"),
 ])
 def test_bad_sizes_fail_at_construction(bad, match):
     with pytest.raises(RelposConfigError, match=match):

@@ -52,19 +52,22 @@ def model_presets() -> list[str]:
 
 
 def scheme_options(name: str, length: int) -> dict:
-    """The scheme's options from ``configs/bias/<name>.yaml`` with ``${train.length}``
-    resolved to ``length`` (offset ``size``, learned_abs ``max_length``), as in training."""
+    """The scheme's options as ``relpos-train bias=<name> train.length=<length>`` builds
+    them (its YAML file with its defaults list and resolvers: offset ``size``, T5
+    ``max_distance``, learned_abs ``max_length`` follow the length)."""
+    from hydra import compose, initialize_config_dir
 
-    path = Path(config_dir()) / "bias" / f"{name}.yaml"
-    if not path.exists():
-        return {}
-    cfg = OmegaConf.merge({"train": {"length": length}}, {"bias": OmegaConf.load(path)})
-    opts = OmegaConf.to_container(cfg.bias, resolve=True)
-    opts.pop("name", None)
-    # a Hydra defaults list (``- _scheme_<name>``: the constructor's own defaults, which
-    # apply anyway to options left out) is not an option
-    opts.pop("defaults", None)
-    return opts
+    from relpos.config import bias_options, register_schemas
+
+    from hydra.errors import MissingConfigException
+
+    register_schemas()
+    with initialize_config_dir(config_dir=str(Path(config_dir())), version_base=None):
+        try:
+            cfg = compose("train", overrides=[f"bias={name}", f"train.length={length}"])
+        except MissingConfigException:  # an import path (module:Class): its own defaults
+            return {}
+    return bias_options(cfg.bias)[1]
 
 
 # ----------------------------------------------------------------------------- XLA analyses
