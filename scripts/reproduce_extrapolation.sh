@@ -78,6 +78,9 @@ ablation() {
       "+bias_overrides.interpolation=$f" "${QUICK_EVAL[@]}"
     reeval "$R/quick" "*/bias=rope,*seed=[012]*" "eval_ntk$f.json" "rope (NTK x$f)" \
       "+bias_overrides.ntk_factor=$f" "${QUICK_EVAL[@]}"
+    reeval "$R/quick" "*/bias=rope,*seed=[012]*" "eval_yarn$f.json" "rope (YaRN x$f)" \
+      "+bias_overrides.name=yarn" "+bias_overrides.factor=$f" \
+      "+bias_overrides.original_length=64" "${QUICK_EVAL[@]}"  # 64: quick's train.length
   done
   plot ablation "The offset-specific limit: policy beyond L, untrained rows, randomized positions, T5 max_distance" \
     "$R/ablation" "$R/ablation_t5" "$R/quick/bias=offset,*" "$R/quick/bias=t5,*/**/results.json" \
