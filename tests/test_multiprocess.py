@@ -30,7 +30,7 @@ from helpers import cli_argv, loss_rows, restore_state
 from relpos.training.distributed import process_index_hint
 
 RUN_ARGS = ["bias=alibi", "train.steps=12", "train.log_every=4", "train.checkpoint_every=8",
-            "eval.modes=[nonoverlap]"]
+            "eval.modes=[nonoverlap]", "eval.multiples=[1]"]
 
 
 def free_port() -> int:

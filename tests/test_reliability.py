@@ -150,10 +150,13 @@ def stop_with(proc: subprocess.Popen, run_dir: Path, sig: signal.Signals, above:
     return step
 
 
-def test_sigterm_and_sigint_checkpoint_exit_cleanly_and_resume(ws, reference):
+def test_sigterm_sigint_and_sigusr2_checkpoint_exit_cleanly_and_resume(ws, reference):
+    """SIGUSR2 is SLURM's time-limit warning (``--signal``) and submitit's requeue
+    signal: like SIGTERM it checkpoints the step it stopped at (exit 140)."""
     run_dir = ws.root / "signalled"
     first = stop_with(start_train(ws, run_dir), run_dir, signal.SIGTERM, above=0)
-    stop_with(start_train(ws, run_dir), run_dir, signal.SIGINT, above=first)
+    second = stop_with(start_train(ws, run_dir), run_dir, signal.SIGINT, above=first)
+    stop_with(start_train(ws, run_dir), run_dir, signal.SIGUSR2, above=second)
     r = run_train(ws, run_dir)
     assert r.returncode == 0, r.stderr
     assert_same_run(run_dir, reference)
