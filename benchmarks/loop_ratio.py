@@ -49,6 +49,7 @@ from relpos.io import config_dir
 register_schemas()
 preset = sys.argv[1]
 interval, rows, rounds, repeats, batch, length = (int(x) for x in sys.argv[2:8])
+extra = sys.argv[8].split() if len(sys.argv) > 8 else []
 steps = (rows + 1) * interval
 overrides = [f"model={preset}", "bias=alibi", f"train.length={length}",
              f"train.batch_size={batch}", f"train.steps={steps}",
@@ -56,7 +57,7 @@ overrides = [f"model={preset}", "bias=alibi", f"train.length={length}",
              "train.steps_per_call=1", "train.progress=false", "eval.multiples=[1]",
              "eval.modes=[nonoverlap]", f"eval.tokens={length * 2}",
              f"eval.batch_tokens={length * 2}", "eval.attention_windows=0",
-             "eval.progress=false"]
+             "eval.progress=false", *extra]
 with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
     cfg = compose("train", overrides=overrides)
 case = JaxCase("alibi", preset_config(preset), batch=batch, length=length,
@@ -85,10 +86,12 @@ print("RESULT" + json.dumps({
 """
 
 
-def run_side(tree: Path, preset: str, interval: int, length: int, args) -> dict:
+def run_side(tree: Path, preset: str, interval: int, length: int, args,
+             extra: str = "") -> dict:
     env = dict(os.environ, PYTHONPATH=str(tree), JAX_PLATFORMS="cpu")
     argv = [preset, str(interval), *(str(getattr(args, k)) for k in
-                                     ("rows", "rounds", "repeats", "batch")), str(length)]
+                                     ("rows", "rounds", "repeats", "batch")), str(length),
+            extra]
     proc = subprocess.run([sys.executable, "-c", WORKER, *argv], env=env, cwd=tree,
                           capture_output=True, text=True, check=False)
     for line in proc.stdout.splitlines():
@@ -116,6 +119,9 @@ def main(argv=None) -> None:
     p.add_argument("--length", type=int, default=None,
                    help="training length (default: tiny 128 as relpos-train's default "
                         "config, else 256 as relpos-bench's)")
+    p.add_argument("--variant", action="append", default=[],
+                   help="also the working tree with these trainer overrides (space-separated, "
+                        "e.g. 'train.prefetch=0'); repeatable")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     sides = {"after": ROOT}
@@ -139,6 +145,8 @@ def main(argv=None) -> None:
             interval = args.interval or (40 if preset == "tiny" else 10)
             length = args.length or (128 if preset == "tiny" else 256)
             res = {k: run_side(v, preset, interval, length, args) for k, v in sides.items()}
+            for extra in args.variant:
+                res[f"after {extra}"] = run_side(ROOT, preset, interval, length, args, extra)
             out["presets"][preset] = {"interval": interval, "length": length, **res}
             for k, r in res.items():
                 print(f"{preset:6s} {k:6s} bench {r['bench_tokens_per_second']:9,.0f} tok/s  "
