@@ -7,6 +7,7 @@
 #   scripts/reproduce_extrapolation.sh lengths        # the breakpoint at L = 32 and 128 (L = 64: quick)
 #   scripts/reproduce_extrapolation.sh sensitivity    # FIRE threshold, xPos scale_base, Sandwich d'
 #   scripts/reproduce_extrapolation.sh context        # the quick runs with keys beyond L masked (needs quick)
+#   scripts/reproduce_extrapolation.sh content        # the content-reading schemes x 3 seeds in the quick preset
 #   scripts/reproduce_extrapolation.sh all            # the four above, in that order
 #   scripts/reproduce_extrapolation.sh paper_reduced  # short GPU run
 #   scripts/reproduce_extrapolation.sh paper          # the full GPU setting (needs network)
@@ -125,15 +126,27 @@ context() {  # does a scheme use the context beyond L? The same runs and targets
   plot context "Context beyond L: the quick runs, and the same runs with keys at offsets >= L masked" \
     "${inputs[@]}"
 }
+content() {  # the schemes that read the content, in the quick preset (3 seeds), beside
+  # the quick runs of alibi, rope, t5 and none
+  extra=(${bias_free[@]+"${bias_free[@]}"})
+  train "$R/quick" +experiment=extrapolation_quick \
+    bias=fox,ssmax,hard_alibi,dape,cope,stickbreaking seed=0,1,2
+  local s inputs=()
+  for s in fox ssmax hard_alibi dape cope stickbreaking alibi rope t5 none; do
+    inputs+=("$R/quick/bias=$s,*/**/results.json")
+  done
+  plot content "Schemes that read the content (3 seeds) beside alibi, rope, t5 and none (5)" \
+    "${inputs[@]}"
+}
 
 case "$preset" in
-  quick|ablation|lengths|sensitivity|context) "$preset" ;;
-  all) quick; ablation; lengths; sensitivity; context ;;
+  quick|ablation|lengths|sensitivity|context|content) "$preset" ;;
+  all) quick; ablation; lengths; sensitivity; context; content ;;
   paper|paper_reduced)
     train "$R/$preset" "+experiment=extrapolation_$preset"
     plot "$preset" "$([ "$preset" = paper ] && echo "Paper preset: GPT-2-small-like LM trained at 512 tokens" \
       || echo "Reduced paper preset: medium LM trained at 512 tokens, bf16")" "$R/$preset" ;;
-  *) echo "usage: $0 [quick|ablation|lengths|sensitivity|context|all|paper_reduced|paper] [relpos-train overrides...]" >&2
+  *) echo "usage: $0 [quick|ablation|lengths|sensitivity|context|content|all|paper_reduced|paper] [relpos-train overrides...]" >&2
      exit 2 ;;
 esac
 echo "finished in $(( $(date +%s) - start )) s"
