@@ -213,6 +213,9 @@ def _train(cfg, run_dir: Path, closing: contextlib.ExitStack) -> dict[str, Any]:
         log.info("process %d of %d, %d of %d devices here", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
         dist.check_same(str(run_dir.resolve()), "run directories")
+    if cfg.train.parallel == "none" and jax.process_count() > 1:
+        raise RelposError(f"train.distributed=true runs {jax.process_count()} processes "
+                          "training one model: set train.parallel=data or fsdp")
     if cfg.train.parallel != "none":  # before the data: the global device count is known
         par.check_batch(par.data_mesh(), cfg.train.batch_size)
     primary = dist.is_primary()  # process 0 writes the run's files
@@ -234,9 +237,6 @@ def _train(cfg, run_dir: Path, closing: contextlib.ExitStack) -> dict[str, Any]:
     loader = choose_loader(t, task, corpus.train)
     sample_length = t.length if loader == "device" else None
     mesh = None
-    if t.parallel == "none" and jax.process_count() > 1:
-        raise RelposError(f"train.distributed=true runs {jax.process_count()} processes "
-                          "training one model: set train.parallel=data or fsdp")
     if t.parallel != "none":  # data parallel / FSDP over every device of every process
         mesh = par.data_mesh()
         par.check_batch(mesh, t.batch_size)

@@ -146,15 +146,16 @@ def reference(ws) -> Path:
     return run_dir
 
 
-def test_two_processes_train_like_one(ws, reference):
-    """Data parallel over 2 processes x 2 devices, started as srun starts tasks: the
-    losses, final parameters and evaluation of the 1-process run (fp32 rounding);
-    process 0 alone writes results, metrics, TensorBoard, train.log and .hydra; the
-    checkpoints hold every array once."""
-    run_dir = ws.root / "two-processes"
-    out = run(ws, run_dir, 2, "train.parallel=data")
+@pytest.mark.parametrize("mode,style", [("data", "slurm"), ("fsdp", "explicit")])
+def test_two_processes_train_like_one(ws, reference, mode, style):
+    """Data parallel (started as srun starts tasks) and FSDP (explicit settings) over 2
+    processes x 2 devices: the losses, final parameters and evaluation of the 1-process
+    run (fp32 rounding); process 0 alone writes results, metrics, TensorBoard, train.log
+    and .hydra; the checkpoints hold every array once."""
+    run_dir = ws.root / f"two-processes-{mode}"
+    out = run(ws, run_dir, 2, f"train.parallel={mode}", style=style)
     agree = agreement(run_dir, reference)
-    print("agreement 2 processes, data:", agree)
+    print(f"agreement 2 processes, {mode}:", agree)
     assert agree["loss"] < 1e-5 and agree["param"] < 1e-5, agree
     got, want = results(run_dir), results(reference)
     np.testing.assert_allclose([e["loss"] for e in got["eval"]],
@@ -177,15 +178,21 @@ def test_two_processes_train_like_one(ws, reference):
     assert "bias=alibi" in out[0][1] and "bias=alibi" not in out[1][1]  # one table printed
 
 
-def test_a_batch_that_does_not_split_over_the_processes_devices_is_one_line(ws):
-    """batch 6 over 2 processes x 2 devices: one clear line, on each process."""
-    out = finish(start(ws, ws.root / "bad-batch", 2, "train.parallel=data",
-                       "train.batch_size=6", style="explicit"))
+@pytest.mark.parametrize("extra,line", [
+    (["train.parallel=data", "train.batch_size=6"],
+     "batch size 6 is not divisible by the 4 devices of the data mesh; choose a multiple of 4"),
+    (["train.parallel=none"],
+     "train.distributed=true runs 2 processes training one model: set train.parallel=data "
+     "or fsdp"),
+], ids=["batch", "parallel-none"])
+def test_a_setup_that_cannot_split_over_the_processes_is_one_line(ws, extra, line):
+    """batch 6 over 2 processes x 2 devices, or no mesh: one clear line on each process,
+    before any data is loaded."""
+    out = finish(start(ws, ws.root / f"bad-{extra[-1]}", 2, *extra, style="explicit"))
     for code, _, err in out:
         assert code == 2, err[-2000:]
         lines = [x for x in err.splitlines() if x.strip() and not x.startswith("[Gloo]")]
-        assert lines == ["relpos-train: error: batch size 6 is not divisible by the 4 devices "
-                         "of the data mesh; choose a multiple of 4"], err[-2000:]
+        assert lines == [f"relpos-train: error: {line}"], err[-2000:]
 
 
 def wait_for_checkpoint(procs, run_dir: Path) -> None:
