@@ -87,7 +87,7 @@ ablation() {
     "$R/ablation" "$R/ablation_t5" "$R/quick/bias=offset,*" "$R/quick/bias=t5,*/**/results.json" \
     "$R/quick/bias=alibi,*/**/results.json" "$R/quick/bias=fire,*/**/results.json"
   if compgen -G "$R/quick/bias=rope,*" > /dev/null; then  # the sweep may have left rope out
-    plot rope_eval "RoPE at evaluation time: position interpolation and NTK-aware scaling" \
+    plot rope_eval "RoPE at evaluation time: interpolation, NTK, YaRN, and its keys beyond L masked" \
       "$R/quick/bias=rope,*seed=[012]*"
   fi
 }
