@@ -25,8 +25,10 @@ from relpos.io import atomic_write, atomic_write_text  # noqa: E402
 # (tableau-colorblind10) with a distinct marker each; a variant of a scheme (a label
 # with more than the scheme's name) keeps its scheme's colour, with its own line style
 # and an open marker.
+# (10 colours, 12 markers: the first 60 schemes get distinct colour-marker pairs.)
 SCHEME_ORDER = ["none", "sinusoidal", "learned_abs", "rope", "xpos", "offset", "t5", "alibi",
-                "kerple_power", "kerple_log", "sandwich", "fire"]
+                "kerple_power", "kerple_log", "sandwich", "fire", "cope", "dape", "fox",
+                "stickbreaking", "ssmax", "hard_alibi", "yarn"]
 _PALETTE = plt.style.library["tableau-colorblind10"]["axes.prop_cycle"].by_key()["color"]
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">", "p"]
 _VARIANT_LINES = ["--", ":", "-.", (0, (5, 1, 1, 1, 1, 1))]
