@@ -73,7 +73,8 @@ def main():
               f"parameters {r['param_grad_max_abs']:.2e} (of {r['param_grad_scale']:.3g})",
               flush=True)
     if args.out:
-        meta = {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        now = datetime.datetime.now(datetime.UTC)
+        meta = {"created": now.isoformat(timespec="seconds"),
                 "host": platform.node(), "backend": jax.default_backend(), "T": T,
                 "block": BLOCK, "heads": H, "head_dim": D, "dtype": "float32",
                 "cope_emb_std": args.cope_emb_std, "rows": rows}
