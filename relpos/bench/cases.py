@@ -56,10 +56,9 @@ def scheme_options(name: str, length: int) -> dict:
     them (its YAML file with its defaults list and resolvers: offset ``size``, T5
     ``max_distance``, learned_abs ``max_length`` follow the length)."""
     from hydra import compose, initialize_config_dir
+    from hydra.errors import MissingConfigException
 
     from relpos.config import bias_options, register_schemas
-
-    from hydra.errors import MissingConfigException
 
     register_schemas()
     with initialize_config_dir(config_dir=str(Path(config_dir())), version_base=None):
