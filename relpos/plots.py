@@ -272,8 +272,8 @@ def key_window_table(results: list[dict]) -> str:
              "masked keys helped)", "",
              "| scheme | W | seeds | " + " | ".join(f"{m} {L}" for m, L in cols) + " |",
              "|---|---|---|" + "---|" * len(cols)]
-    for (lab, w) in sorted(diffs, key=lambda k: (_order(list({k[0] for k in diffs})).index(k[0]),
-                                                  k[1])):
+    rank = {lab: i for i, lab in enumerate(_order({lab for lab, _ in diffs}))}
+    for (lab, w) in sorted(diffs, key=lambda k: (rank[k[0]], k[1])):
         d = diffs[(lab, w)]
         cells = []
         for c in cols:
