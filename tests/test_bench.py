@@ -35,6 +35,7 @@ def test_scheme_options_follow_training_configs():
     assert scheme_options("t5", 96) == {"num_buckets": 32, "max_distance": 48, "init_std": 0.02}
 
 
+@pytest.mark.slow  # the whole benchmark CLI in miniature, about 27 s on 2 cores
 def test_bench_main_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     main(["--preset", "tiny", "--steps", "2", "--warmup", "1", "--repeats", "1",

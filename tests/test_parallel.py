@@ -76,6 +76,7 @@ def test_fsdp_spec_picks_largest_divisible_axis():
     assert tuple(fsdp_spec((8, 8), 1)) == ()
 
 
+@pytest.mark.slow  # three CLI runs, about 30 s; the sharded step is checked in-process above
 def test_cli_data_parallel_matches_single_device(tmp_path):
     """relpos-train train.parallel=data on 2 simulated devices ends where 1 device does."""
     corpus = write_corpus(tmp_path / "corpus.txt")
