@@ -581,10 +581,25 @@ def accuracy_panels(results: list[dict], field: str = "accuracy"
     for r in sorted(results, key=lambda r: r.get("seed", 0)):
         for e in r["eval"]:
             if "accuracy" in e and field in e:
-                panel = (f"task {e['task']}" if e["mode"] == "task"
-                         else f"{e['mode']} (LM, no task training)")
+                panel = _panel_of(e)
                 out[panel][label_of(r)][e["length"]].append(e[field])
     return out
+
+
+def _panel_of(e: dict) -> str:
+    return (f"task {e['task']}" if e["mode"] == "task"
+            else f"{e['mode']} (LM, no task training)")
+
+
+def _panel_train_length(results: list[dict], panel: str) -> int:
+    """The training length of the runs in one accuracy panel (tasks differ: copy at 32,
+    passkey at 128); one panel holding several is refused, its columns would mislead."""
+    lengths = {r["train_length"] for r in results
+               if any("accuracy" in e and _panel_of(e) == panel for e in r["eval"])}
+    if len(lengths) != 1:
+        raise RelposError(f"{panel} pools runs trained at lengths "
+                          f"{sorted(lengths)}; plot them from separate inputs")
+    return lengths.pop()
 
 
 def _accuracy_curve(seeds: dict[int, list], single_ci: dict[int, list]):
@@ -617,10 +632,9 @@ def plot_accuracy_vs_length(results: list[dict], path: Path, title: str = "") ->
     for r in results:
         for e in r["eval"]:
             if "chance" in e:
-                chance[f"task {e['task']}" if e["mode"] == "task"
-                       else f"{e['mode']} (LM, no task training)"] = e["chance"]
-    train_length = results[0]["train_length"]
+                chance[_panel_of(e)] = e["chance"]
     for col, panel in enumerate(names):
+        train_length = _panel_train_length(results, panel)
         for row, (field, ci_field, ylabel) in enumerate(rows):
             g, cis = accuracy_panels(results, field)[panel], accuracy_panels(results, ci_field)
             ax, labels = axes[row][col], _order(g)
@@ -646,25 +660,42 @@ def plot_accuracy_vs_length(results: list[dict], path: Path, title: str = "") ->
     return True
 
 
+def _fmt_accuracy(vals: list[float], single_ci=None) -> str:
+    """Like ``_fmt``, the t interval clipped to [0, 1] (an accuracy cannot leave it)."""
+    if not vals:
+        return "–"
+    m, lo, hi = seed_interval(vals)
+    if len(vals) == 1:
+        return f"{m:.3f}" + (f" [{single_ci[0]:.3f}, {single_ci[1]:.3f}]" if single_ci else "")
+    return f"{m:.3f} [{max(lo, 0.0):.3f}, {min(hi, 1.0):.3f}]"
+
+
 def accuracy_table(results: list[dict]) -> str:
-    """Exact-match accuracy per task, scheme (rows) and length (columns): mean [95% t
-    interval over seeds, ddof=1]; a single run shows its Wilson interval."""
-    panels, cis = accuracy_panels(results), accuracy_panels(results, "accuracy_ci")
+    """Exact-match and per-token accuracy per task, scheme (rows) and length (columns):
+    mean [95% t interval over seeds, ddof=1, clipped to [0, 1]]; a single run shows its
+    own interval (Wilson for exact match, bootstrap over sequences for tokens)."""
     out = []
-    for panel in sorted(panels):
-        g = panels[panel]
-        lengths = sorted({L for v in g.values() for L in v})
-        train_length = results[0]["train_length"]
-        out += [f"Exact-match accuracy, {panel}: mean [95% t interval over seeds, ddof=1; one "
-                f"seed: Wilson interval over test sequences]; trained at {train_length}", "",
-                "| scheme | seeds | " + " | ".join(f"{L} ({L / train_length:g}x)" for L in lengths)
-                + " |", "|---|---|" + "---|" * len(lengths)]
-        for lab in _order(g):
-            seeds = max(len(v) for v in g[lab].values())
-            cells = [_fmt(g[lab].get(L, []), (cis[panel][lab].get(L) or [None])[0]
-                          if seeds == 1 else None) for L in lengths]
-            out.append(f"| {lab} | {seeds} | " + " | ".join(cells) + " |")
-        out.append("")
+    for field, name, single in (("accuracy", "Exact-match accuracy", "Wilson interval over "
+                                 "test sequences"),
+                                ("token_accuracy", "Per-token accuracy", "bootstrap interval "
+                                 "over test sequences")):
+        panels, cis = accuracy_panels(results, field), accuracy_panels(results, f"{field}_ci")
+        for panel in sorted(panels):
+            g = panels[panel]
+            lengths = sorted({L for v in g.values() for L in v})
+            train_length = _panel_train_length(results, panel)
+            out += [f"{name}, {panel}: mean [95% t interval over seeds, ddof=1, clipped to "
+                    f"[0, 1]; one seed: {single}]; trained at {train_length}", "",
+                    "| scheme | seeds | " + " | ".join(f"{L} ({L / train_length:g}x)"
+                                                       for L in lengths)
+                    + " |", "|---|---|" + "---|" * len(lengths)]
+            for lab in _order(g):
+                seeds = max(len(v) for v in g[lab].values())
+                cells = [_fmt_accuracy(g[lab].get(L, []),
+                                       (cis.get(panel, {}).get(lab, {}).get(L) or [None])[0]
+                                       if seeds == 1 else None) for L in lengths]
+                out.append(f"| {lab} | {seeds} | " + " | ".join(cells) + " |")
+            out.append("")
     return "\n".join(out)
 
 

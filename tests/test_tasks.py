@@ -338,10 +338,10 @@ def test_unknown_task_on_the_command_line_lists_the_valid_ones(tmp_path):
 # ----------------------------------------------------------------------------- plots
 
 
-def _fake_run(label, seed, task="copy", acc=(1.0, 0.5, 0.0)):
-    return {"bias": label, "label": label, "seed": seed, "train_length": 16, "task": task,
-            "task_options": {}, "eval": [
-                {"length": 16 * 2 ** i, "mode": "task", "task": task, "accuracy": a,
+def _fake_run(label, seed, task="copy", acc=(1.0, 0.5, 0.0), train_length=16):
+    return {"bias": label, "label": label, "seed": seed, "train_length": train_length,
+            "task": task, "task_options": {}, "eval": [
+                {"length": train_length * 2 ** i, "mode": "task", "task": task, "accuracy": a,
                  "accuracy_ci": evaluation.wilson_interval(int(a * 100), 100),
                  "token_accuracy": min(1.0, a + 0.1), "token_accuracy_ci": [a, min(1, a + .2)],
                  "examples": 100, "chance": 0.0625} for i, a in enumerate(acc)]}
@@ -358,6 +358,27 @@ def test_accuracy_figure_and_table(tmp_path):
     assert (tmp_path / "figs" / "accuracy_vs_length.png").stat().st_size > 0
     table = (tmp_path / "figs" / "table.md").read_text()
     assert "| alibi | 2 | 1.000" in table and "flipflop" in table
+    assert "Per-token accuracy, task copy" in table
+
+
+def test_accuracy_table_columns_follow_each_tasks_training_length():
+    """copy trained at 16 and passkey at 64 in one table: each panel's multiples are its
+    own; a t interval over seeds is clipped to [0, 1]."""
+    results = [_fake_run("alibi", s, acc=(a, 0.5, 0.0)) for s, a in ((0, 1.0), (1, 0.5))]
+    results += [_fake_run("alibi", 0, task="passkey", train_length=64)]
+    table = plots.accuracy_table(results)
+    copy, passkey = table.split("Exact-match accuracy, task passkey")[0], \
+        table.split("Exact-match accuracy, task passkey")[1].split("Per-token")[0]
+    assert "| scheme | seeds | 16 (1x) | 32 (2x) | 64 (4x) |" in copy
+    assert "| scheme | seeds | 64 (1x) | 128 (2x) | 256 (4x) |" in passkey
+    # mean 0.75 over (1.0, 0.5): t interval 0.75 +- 12.71 * 0.354 / sqrt(2), clipped
+    assert "| alibi | 2 | 0.750 [0.000, 1.000] | 0.500 [0.500, 0.500] |" in copy
+
+
+def test_one_accuracy_panel_of_two_training_lengths_is_refused():
+    results = [_fake_run("alibi", 0), _fake_run("rope", 0, train_length=32)]
+    with pytest.raises(RelposError, match=r"task copy pools runs trained at lengths \[16, 32\]"):
+        plots.accuracy_table(results)
 
 
 # ----------------------------------------------------------------------------- slow
