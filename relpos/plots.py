@@ -181,12 +181,16 @@ def seed_interval(values, level: float = 0.95) -> tuple[float, float, float]:
     return m, m - half, m + half
 
 
-def _fmt(vals: list[float], single_ci=None) -> str:
+def _fmt(vals: list[float], single_ci=None, clip: tuple[float, float] | None = None) -> str:
+    """Mean [t interval over seeds] (clipped to ``clip``, e.g. (0, 1) for accuracies),
+    or one run's value with its own interval ``single_ci``."""
     if not vals:
         return "–"
     m, lo, hi = seed_interval(vals)
     if len(vals) == 1:
         return f"{m:.3f}" + (f" [{single_ci[0]:.3f}, {single_ci[1]:.3f}]" if single_ci else "")
+    if clip:
+        lo, hi = max(lo, clip[0]), min(hi, clip[1])
     return f"{m:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
@@ -660,16 +664,6 @@ def plot_accuracy_vs_length(results: list[dict], path: Path, title: str = "") ->
     return True
 
 
-def _fmt_accuracy(vals: list[float], single_ci=None) -> str:
-    """Like ``_fmt``, the t interval clipped to [0, 1] (an accuracy cannot leave it)."""
-    if not vals:
-        return "–"
-    m, lo, hi = seed_interval(vals)
-    if len(vals) == 1:
-        return f"{m:.3f}" + (f" [{single_ci[0]:.3f}, {single_ci[1]:.3f}]" if single_ci else "")
-    return f"{m:.3f} [{max(lo, 0.0):.3f}, {min(hi, 1.0):.3f}]"
-
-
 def accuracy_table(results: list[dict]) -> str:
     """Exact-match and per-token accuracy per task, scheme (rows) and length (columns):
     mean [95% t interval over seeds, ddof=1, clipped to [0, 1]]; a single run shows its
@@ -691,9 +685,9 @@ def accuracy_table(results: list[dict]) -> str:
                     + " |", "|---|---|" + "---|" * len(lengths)]
             for lab in _order(g):
                 seeds = max(len(v) for v in g[lab].values())
-                cells = [_fmt_accuracy(g[lab].get(L, []),
-                                       (cis.get(panel, {}).get(lab, {}).get(L) or [None])[0]
-                                       if seeds == 1 else None) for L in lengths]
+                cells = [_fmt(g[lab].get(L, []),
+                              (cis.get(panel, {}).get(lab, {}).get(L) or [None])[0]
+                              if seeds == 1 else None, clip=(0.0, 1.0)) for L in lengths]
                 out.append(f"| {lab} | {seeds} | " + " | ".join(cells) + " |")
             out.append("")
     return "\n".join(out)
