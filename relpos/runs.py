@@ -602,9 +602,14 @@ def task_sampler(cfg, task, train_tokens):
     if task is None:
         return None
     source = train_tokens if task.uses_corpus else None
-    return lambda step: WeightedTokens(*tasks_lib.train_batch(
-        task, seed=cfg.seed, step=step, batch_size=cfg.train.batch_size,
-        length=cfg.train.length, source=source))
+
+    def sample(step):
+        tokens, weights = tasks_lib.train_batch(
+            task, seed=cfg.seed, step=step, batch_size=cfg.train.batch_size,
+            length=cfg.train.length, source=source)
+        return WeightedTokens(tokens, weights, tasks_lib.model_inputs(task, tokens, weights))
+
+    return sample
 
 
 def evaluations(model, task, corpus, train_length: int, ecfg) -> dict:

@@ -182,6 +182,52 @@ def test_run_batches_are_the_tasks_and_multi_step_stacks_them():
     np.testing.assert_array_equal(positions, np.arange(32))
 
 
+@pytest.mark.parametrize("name", ["copy", "reverse"])
+def test_without_teacher_forcing_answer_inputs_are_blank(name):
+    """teacher_forcing=false: the model reads the prompt as it is and the blank id at
+    every answer position (one more vocabulary id); the targets and weights are those of
+    the teacher-forced format, and the sampler hands the inputs to the loss."""
+    forced = tasks.build(name, symbols=2)
+    blank = tasks.build(name, symbols=2, teacher_forcing=False)
+    assert (blank.vocab_size, blank.blank_id) == (forced.vocab_size + 1, 3 + 2)
+    assert tasks.model_inputs(forced, *tasks.train_batch(
+        forced, seed=0, step=1, batch_size=2, length=20)) is None
+    tokens, weights = tasks.train_batch(blank, seed=0, step=1, batch_size=8, length=20)
+    ref = tasks.train_batch(forced, seed=0, step=1, batch_size=8, length=20)
+    np.testing.assert_array_equal(tokens, ref[0])
+    np.testing.assert_array_equal(weights, ref[1])
+    inputs = tasks.model_inputs(blank, tokens, weights)
+    for row in range(8):
+        toks = tokens[row].tolist()
+        sep = toks.index(tasks.SEP)
+        n = sep - 1  # symbols in the prompt; the answer fills positions sep+1 .. sep+n
+        want = toks[:sep + 1] + [blank.blank_id] * n + toks[sep + 1 + n:-1]
+        assert inputs[row].tolist() == want
+    cfg = compose_train([f"task={name}", "task.symbols=2", "task.teacher_forcing=false",
+                         "train.length=20", "train.batch_size=8"])
+    batch = train_lib.task_sampler(cfg, train_lib.task_of(cfg), None)(1)
+    np.testing.assert_array_equal(batch.inputs, inputs)
+
+
+def test_without_teacher_forcing_no_answer_sees_another():
+    """An answer token's prediction cannot depend on any answer token: changing the
+    answers leaves the logits at every scored position unchanged (causal attention over
+    a prompt and blanks only)."""
+    cfg = compose_train(["task=reverse", "task.symbols=2", "task.teacher_forcing=false",
+                         "model.d_model=32", "model.num_layers=2", "model.num_heads=2"])
+    task = train_lib.task_of(cfg)
+    model = build_model(cfg, task.vocab_size)
+    tokens, weights = tasks.train_batch(task, seed=0, step=0, batch_size=4, length=24)
+    other = np.where(np.concatenate([np.zeros((4, 1)), weights], 1) > 0,
+                     7 - tokens, tokens)  # every answer bit flipped (ids 3 <-> 4)
+    assert (other != tokens).any()
+    a = np.asarray(model(tasks.model_inputs(task, tokens, weights), np.arange(24)))
+    b = np.asarray(model(tasks.model_inputs(task, other, weights), np.arange(24)))
+    np.testing.assert_array_equal(a[weights > 0], b[weights > 0])
+    teacher = np.asarray(model(other[:, :-1], np.arange(24)))  # teacher forcing: they do
+    assert not np.allclose(teacher[weights > 0], a[weights > 0])
+
+
 # ----------------------------------------------------------------------------- loss
 
 
@@ -307,8 +353,10 @@ class _Corpus:
     (["task.name=nope"], "unknown task 'nope'; available: lm, assoc_recall, copy, flipflop, "
                          "passkey, reverse, selective_copy"),
     (["task=copy", "+task.foo=1"], "'foo' is not an option of task 'copy'; valid options: "
-                                   "symbols"),
+                                   "symbols, teacher_forcing"),
     (["task=copy", "task.symbols=1"], "task.symbols must be an integer >= 2, got 1"),
+    (["task=reverse", "task.teacher_forcing=2"], "task.teacher_forcing must be true or false, "
+                                                 "got 2"),
     (["task=passkey", "train.length=64"], "task=passkey needs a train.length of at least 103 "
                                           "tokens"),
     (["task=passkey", "train.length=128", "data.tokenizer=bpe"],

@@ -37,12 +37,24 @@ lm_passkey() {  # retrieval without task training: the quick LM preset (L = 64) 
       output=eval_mask.json eval.progress=false </dev/null
   done
 }
-anchor() {  # Ruoss et al. 2023: reverse string, binary, train sizes U{1..40}, test to 500
-  # (2n + 2 tokens: train.length 82 holds n <= 40; 12x holds n <= 491). Decoder-only
-  # next-token prediction after a separator, not their encoder-only setting.
-  relpos-train -m task=reverse task.symbols=2 bias=none,sinusoidal,rope,alibi,learned_abs \
-    train.length=82 train.steps=3000 train.checkpoint_every=3000 \
-    "eval.task_multiples=[1,2,4,8,12]" "${COMMON[@]}" hydra.sweep.dir=$HERE/runs/anchor_reverse
+anchor() {  # Ruoss et al. 2023's reverse string: binary, input sizes U{1..40}, tested to
+  # 491 (2n + 2 tokens: train.length 82 holds n <= 40, 12x = 984 holds n <= 491). Their
+  # model's shape (5 layers, width 64, 8 heads, batch 128) and output slots: every answer
+  # position reads a blank (task.teacher_forcing=false), so the answer is predicted from
+  # the input alone, all at once. Not theirs: causal attention (they use an encoder),
+  # 2,000 steps at lr 1e-3 (they train 1M+ steps at 1e-4..5e-4, 10 seeds), one seed.
+  local A=(task=reverse task.symbols=2 task.teacher_forcing=false model.d_model=64
+           model.num_layers=5 model.num_heads=8 train.batch_size=128 train.length=82
+           train.steps=2000 train.checkpoint_every=1000 train.log_every=100
+           train.progress=false optim.lr=1e-3 optim.warmup_steps=100 eval.progress=false
+           "eval.task_multiples=[1,2,4,6,12]" seed=0)
+  relpos-train -m "${A[@]}" bias=none,sinusoidal,learned_abs,rope,alibi \
+    hydra.sweep.dir=$HERE/runs/anchor_reverse
+  local b
+  for b in sinusoidal rope; do  # positions: a sorted random subset of [0, 2048) per row
+    relpos-train "${A[@]}" bias=$b train.randomized_positions=2048 "label=$b (randomized)" \
+      hydra.run.dir=$HERE/runs/anchor_reverse_randomized/$b
+  done
 }
 plot() {  # tasks and LMs apart: each figure's panels share one training length
   relpos-plot "inputs=[$HERE/runs/copy,$HERE/runs/assoc_recall,$HERE/runs/passkey]" \

@@ -4,7 +4,9 @@ At each test length M, ``examples`` sequences of the largest task size that fits
 (:func:`relpos.tasks.test_instances`: the same sequences for every run) are scored by the
 greedy (argmax) prediction of every answer token given the true prefix (teacher forcing;
 with a single answer token per step this equals greedy decoding until the first error,
-so exact match is the same either way):
+so exact match is the same either way). A task with ``teacher_forcing=false`` reads a
+blank id at every answer position (:func:`relpos.tasks.model_inputs`), so there every
+answer token is predicted from the prompt alone, as the model was trained:
 
 * ``accuracy``: exact match, the fraction of sequences whose answer tokens are all right,
   with a 95% **Wilson** score interval (``accuracy_ci``). Sequences are independent draws,
@@ -88,7 +90,8 @@ def score_task_length(model, task, length: int, *, examples: int, batch_tokens: 
                                          source=source)
         insts += insts[:1] * (batch - n)  # pad: one compiled shape per length
         tokens, weights = tasks_lib.pack(insts, length, task.pad_id)
-        pred = np.asarray(fn(params, tokens[:, :-1]))
+        inputs = tasks_lib.model_inputs(task, tokens, weights)
+        pred = np.asarray(fn(params, tokens[:, :-1] if inputs is None else inputs))
         scored = weights[:n] > 0
         correct[start:start + n] = ((pred[:n] == tokens[:n, 1:]) & scored).sum(1)
         total[start:start + n] = scored.sum(1)

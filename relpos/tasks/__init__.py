@@ -14,6 +14,7 @@ from relpos.tasks.base import (
     build,
     defaults,
     lookup,
+    model_inputs,
     pack,
     register,
     test_instances,
@@ -22,4 +23,4 @@ from relpos.tasks.base import (
 from relpos.tasks.passkey import check_tokenizer
 
 __all__ = ["BOS", "PAD", "SEP", "Instance", "Task", "available", "build", "check_tokenizer",
-           "defaults", "lookup", "pack", "register", "test_instances", "train_batch"]
+           "defaults", "lookup", "model_inputs", "pack", "register", "test_instances", "train_batch"]

@@ -54,6 +54,7 @@ class Task:
     name: ClassVar[str]
     uses_corpus: ClassVar[bool] = False  # make() needs ``source`` (corpus tokens)
     pad_id: int = PAD
+    blank_id: int | None = None  # set: answer positions read this id (no teacher forcing)
     vocab_size: int
     chance: float  # per answer token, guessing uniformly over the answer alphabet
 
@@ -136,10 +137,23 @@ def pack(instances: list[Instance], length: int, pad_id: int) -> tuple[np.ndarra
     return tokens, answer[:, 1:].astype(np.float32)
 
 
+def model_inputs(task: Task, tokens: np.ndarray, weights: np.ndarray) -> np.ndarray | None:
+    """What the model reads of a packed batch, ``[B, length]``: None (read
+    ``tokens[:, :-1]``) unless the task has a :attr:`Task.blank_id`; then every answer
+    token among the inputs is replaced by it, so no answer token is predicted from
+    another. Input ``t`` is an answer token exactly when target ``t - 1`` is scored."""
+    if task.blank_id is None:
+        return None
+    inputs = tokens[:, :-1].copy()
+    inputs[:, 1:][weights[:, :-1] > 0] = task.blank_id
+    return inputs
+
+
 def train_batch(task: Task, *, seed: int, step: int, batch_size: int, length: int,
                 source: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The training batch of ``step``: sizes uniform over :meth:`Task.sizes` of
-    ``length``; ``(tokens [B, length+1], weights [B, length])``, from (seed, step) only."""
+    ``length``; ``(tokens [B, length+1], weights [B, length])``, from (seed, step) only
+    (:func:`model_inputs` gives what the model reads of it)."""
     lo, hi = task.check_length(length, "train.length")
     rng = np.random.default_rng([seed, step, _TRAIN_STREAM])
     sizes = rng.integers(lo, hi + 1, size=batch_size)

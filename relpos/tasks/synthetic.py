@@ -8,6 +8,12 @@ alone carry a loss and are scored):
   al. 2023's *duplicate string*, whose answer is the string twice.
 * ``reverse`` — ``BOS x1 .. xn SEP | xn .. x1`` (Ruoss et al.'s *reverse string* with
   ``symbols=2``).
+
+  Both take ``teacher_forcing`` (default true: the model reads the true answer so far,
+  next-token prediction). With ``teacher_forcing=false`` every answer position reads a
+  blank id (``3 + symbols``, one more id in the vocabulary) instead of the answer token,
+  so each answer token is predicted from the prompt alone and all of them at once. That
+  is how Ruoss et al.'s encoder reads its output slots; here the attention stays causal.
 * ``assoc_recall`` — multi-query associative recall (Arora et al. 2023, Zoology's MQAR):
   ``BOS k1 v1 .. kn vn SEP q1 | a1 q2 | a2 ..`` with n distinct keys (ids 3 ..
   3+keys-1), values from ``values`` ids after them (repeats allowed), the queries a
@@ -48,9 +54,16 @@ def instance(prompt, answer) -> Instance:
 class _Symbols(Task):
     FIRST = 3  # first symbol id
 
-    def __init__(self, symbols: int = 16):
+    def __init__(self, symbols: int = 16, teacher_forcing: bool = True):
         self.symbols = check_positive_int("task.symbols", symbols, minimum=2)
+        if not isinstance(teacher_forcing, bool):
+            raise RelposConfigError(f"task.teacher_forcing must be true or false, got "
+                                    f"{teacher_forcing!r}")
+        self.teacher_forcing = teacher_forcing
         self.vocab_size = self.FIRST + self.symbols
+        if not teacher_forcing:
+            self.blank_id = self.vocab_size
+            self.vocab_size += 1
         self.chance = 1.0 / self.symbols
 
     def draw(self, rng, n: int) -> np.ndarray:

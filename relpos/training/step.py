@@ -61,12 +61,14 @@ def make_optimizer(ocfg, steps: int, params) -> tuple[optax.GradientTransformati
 @dataclasses.dataclass
 class WeightedTokens:
     """A task batch: ``tokens [..., B, T+1]`` and per-target loss ``weights [..., B, T]``
-    (1 on answer tokens; :mod:`relpos.tasks`). It stands where a token array goes (the
-    trainer, the multi-step scan and the data-parallel placement read ``shape`` and
-    ``ndim``, which are the tokens')."""
+    (1 on answer tokens; :mod:`relpos.tasks`), and ``inputs [..., B, T]`` when the model
+    reads something other than ``tokens[..., :-1]`` (a task without teacher forcing;
+    None otherwise). It stands where a token array goes (the trainer, the multi-step scan
+    and the data-parallel placement read ``shape`` and ``ndim``, which are the tokens')."""
 
     tokens: Any
     weights: Any
+    inputs: Any = None
 
     @property
     def shape(self):
@@ -81,8 +83,9 @@ def lm_loss(model, tokens, positions):
     """Mean next-token NLL over ``tokens[:, :-1] -> tokens[:, 1:]``; for
     :class:`WeightedTokens`, the weighted mean (the mean over answer tokens)."""
     if isinstance(tokens, WeightedTokens):
+        inputs = tokens.tokens[:, :-1] if tokens.inputs is None else tokens.inputs
         nll = optax.softmax_cross_entropy_with_integer_labels(
-            model(tokens.tokens[:, :-1], positions), tokens.tokens[:, 1:])
+            model(inputs, positions), tokens.tokens[:, 1:])
         return (nll * tokens.weights).sum() / jnp.maximum(tokens.weights.sum(), 1.0)
     logits = model(tokens[:, :-1], positions)
     return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
