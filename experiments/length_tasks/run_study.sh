@@ -57,9 +57,13 @@ anchor() {  # Ruoss et al. 2023's reverse string: binary, input sizes U{1..40}, 
   done
 }
 plot() {  # tasks and LMs apart: each figure's panels share one training length
-  relpos-plot "inputs=[$HERE/runs/copy,$HERE/runs/assoc_recall,$HERE/runs/passkey]" \
-    out_dir=$HERE/figures/study merge_to=$HERE/results/study.json \
-    "title=Length-generalization tasks: 12 schemes x 3 seeds"
+  # one corpus per results file: copy and assoc_recall read none, passkey's filler is the corpus
+  relpos-plot "inputs=[$HERE/runs/copy,$HERE/runs/assoc_recall]" \
+    out_dir=$HERE/figures/synthetic merge_to=$HERE/results/synthetic.json \
+    "title=Copy and associative recall (no corpus), trained at 32: 12 schemes x 3 seeds"
+  relpos-plot "inputs=[$HERE/runs/passkey]" out_dir=$HERE/figures/passkey \
+    merge_to=$HERE/results/passkey.json \
+    "title=Passkey retrieval (corpus filler 159a1f4ae3bfb9ca), trained at 128: 12 schemes x 3 seeds"
   relpos-plot "inputs=[$HERE/runs/lm]" out_dir=$HERE/figures/lm_passkey \
     merge_to=$HERE/results/lm_passkey.json "title=Passkey retrieval by LMs trained at 64"
 }
