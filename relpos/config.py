@@ -15,6 +15,7 @@ not what is trained); every other field must match the saved run.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
 import typing
 from dataclasses import dataclass, field
@@ -233,7 +234,25 @@ def scheme_slug(name: str) -> str:
     return name.replace(":", ".").rsplit(".", 1)[-1]
 
 
+NAME_MAX = 255  # bytes in one path component on Linux and macOS file systems
+
+
+def sweep_subdir(name: str) -> str:
+    """A sweep job's folder name from its overrides (Hydra's ``override_dirname``), kept
+    within one path component: a name longer than NAME_MAX bytes is cut and ends in
+    ``~`` and 12 hex digits of its SHA-1, so distinct jobs keep distinct folders (the
+    full overrides are in the job's ``.hydra/overrides.yaml``)."""
+    raw = name.encode()
+    if len(raw) <= NAME_MAX:
+        return name
+    digest = hashlib.sha1(raw).hexdigest()[:12]
+    head = raw[:NAME_MAX - len(digest) - 1].decode(errors="ignore")
+    return f"{head}~{digest}"
+
+
 def register_schemas() -> None:
+    if not OmegaConf.has_resolver("relpos.sweep_subdir"):
+        OmegaConf.register_new_resolver("relpos.sweep_subdir", sweep_subdir)
     if not OmegaConf.has_resolver("relpos.scheme_slug"):
         OmegaConf.register_new_resolver("relpos.scheme_slug", scheme_slug)
     if not OmegaConf.has_resolver("relpos.position_lr_scale"):

@@ -77,3 +77,21 @@ def test_multirun_job_folder_trains_resumes_and_reevaluates_from_the_cli(ws):
     r = ws.run("eval", f"run_dir={job}", "eval.multiples=[1]", "eval.tokens=256")
     assert r.returncode == 0, r.stderr
     assert json.loads((job / "eval_results.json").read_text())["checkpoint_step"] == 20
+
+
+def test_sweep_job_folder_names_fit_one_path_component(tmp_path):
+    """A sweep with many overrides names its jobs within NAME_MAX bytes: cut, with a
+    hash of the whole name, so two jobs that differ only past the cut stay apart (a
+    255+ byte name failed the whole sweep with 'File name too long')."""
+    from relpos.config import NAME_MAX, sweep_subdir
+
+    short = "bias=alibi,seed=0"
+    assert sweep_subdir(short) == short
+    common = ",".join(f"model.option_{i}={i}" for i in range(40))
+    a, b = sweep_subdir(f"{common},seed=0"), sweep_subdir(f"{common},seed=1")
+    assert a != b and a[:200] == b[:200] and a == sweep_subdir(f"{common},seed=0")
+    wide = sweep_subdir("é" * 300)  # two bytes each: the cut never splits a character
+    for name in (a, b, wide):
+        assert len(name.encode()) <= NAME_MAX
+        (tmp_path / name).mkdir()
+    assert len(a.encode()) == NAME_MAX and a.startswith("model.option_0=0,")

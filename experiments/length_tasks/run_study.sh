@@ -49,7 +49,7 @@ anchor() {  # Ruoss et al. 2023's reverse string: binary, input sizes U{1..40}, 
            train.progress=false optim.lr=1e-3 optim.warmup_steps=100 eval.progress=false
            "eval.task_multiples=[1,2,4,6,12]" seed=0)
   relpos-train -m "${A[@]}" bias=none,sinusoidal,learned_abs,rope,alibi \
-    hydra.sweep.dir=$HERE/runs/anchor_reverse
+    hydra.sweep.dir=$HERE/runs/anchor_reverse 'hydra.sweep.subdir=${bias.name}'
   local b
   for b in sinusoidal rope; do  # positions: a sorted random subset of [0, 2048) per row
     relpos-train "${A[@]}" bias=$b train.randomized_positions=2048 "label=$b (randomized)" \
