@@ -1,5 +1,5 @@
-"""Files: atomic writes (a crash mid-write never leaves a truncated file behind) and the
-packaged config tree."""
+"""Files: atomic writes (a crash mid-write never leaves a truncated file behind), the
+packaged config tree, and the offsets a results file samples bias profiles at."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 def _umask() -> int:
@@ -56,3 +58,12 @@ def config_dir() -> str:
         return str(Path(pkg.__path__[0]).resolve())
     except ImportError:
         return str(Path(__file__).resolve().parent.parent / "configs")  # a source checkout
+
+
+def profile_offsets(train_length: int, max_length: int, points: int = 256) -> np.ndarray:
+    """The offsets at which results files sample a bias profile: every offset up to 2x
+    the training length, then ``points`` log-spaced ones."""
+    dense = np.arange(min(2 * train_length, max_length))
+    tail = np.geomspace(max(len(dense), 1), max_length - 1, points) if max_length > len(dense) \
+        else np.zeros(0)
+    return np.unique(np.concatenate([dense, np.round(tail)]).astype(np.int64))

@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 import scipy.stats  # noqa: E402
 
 from relpos.errors import RelposError  # noqa: E402
-from relpos.io import atomic_write, atomic_write_text  # noqa: E402
+from relpos.io import atomic_write, atomic_write_text, profile_offsets  # noqa: E402
 
 # One style per scheme across every figure: a colour-blind-safe palette
 # (tableau-colorblind10) with a distinct marker each; a variant of a scheme (a label
@@ -290,14 +290,6 @@ def key_window_table(results: list[dict]) -> str:
         lines.append(f"| {lab} | {w} | {max(len(v) for v in d.values())} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def profile_offsets(train_length: int, max_length: int, points: int = 256) -> np.ndarray:
-    """Every offset up to 2x the training length, then ``points`` log-spaced ones."""
-    dense = np.arange(min(2 * train_length, max_length))
-    tail = np.geomspace(max(len(dense), 1), max_length - 1, points) if max_length > len(dense) \
-        else np.zeros(0)
-    return np.unique(np.concatenate([dense, np.round(tail)]).astype(np.int64))
 
 
 def _save(fig, path: Path) -> None:

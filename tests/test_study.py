@@ -15,7 +15,7 @@ from helpers import tiny_args, write_corpus
 
 from relpos.evaluation import bias_profile
 from relpos.model import ModelConfig, TransformerLM
-from relpos.plots import profile_offsets
+from relpos.io import profile_offsets
 from relpos.positions.alibi import alibi_slopes
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,8 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from relpos.io import atomic_write_json
-from relpos.plots import profile_offsets
+from relpos.io import atomic_write_json, profile_offsets
 from relpos.positions import PositionTable
 
 

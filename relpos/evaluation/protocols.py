@@ -31,7 +31,6 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.stats
 from flax import nnx
 from tqdm.auto import tqdm
 
@@ -235,6 +234,8 @@ def _block_sums(values: np.ndarray, block: np.ndarray, n_blocks: int) -> np.ndar
 
 def _bootstrap(arrays, statistic):
     """Percentile bootstrap (scipy) over clusters, 2000 resamples, a fixed seed."""
+    import scipy.stats  # here, not at module level: it adds ~1 s to every CLI's start
+
     res = scipy.stats.bootstrap(arrays, statistic, paired=True, vectorized=True,
                                 n_resamples=2000, confidence_level=0.95, method="percentile",
                                 rng=np.random.default_rng(0))

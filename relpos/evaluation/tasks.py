@@ -28,7 +28,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.stats
 from flax import nnx
 from tqdm.auto import tqdm
 
@@ -54,6 +53,8 @@ def check_task_eval(ecfg) -> None:
 
 def wilson_interval(successes: int, n: int, level: float = 0.95) -> list[float]:
     """The Wilson score interval of a binomial proportion (scipy)."""
+    import scipy.stats  # here, not at module level: it adds ~1 s to every CLI's start
+
     ci = scipy.stats.binomtest(int(successes), int(n)).proportion_ci(level, method="wilson")
     return [float(ci.low), float(ci.high)]
 

@@ -7,7 +7,6 @@ import logging
 import math
 from pathlib import Path
 
-from relpos import plots
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +65,8 @@ class MetricLogger:
     def bias_figure(self, profile: dict | None, step: int) -> None:
         if self.tb is None or profile is None:
             return
+        from relpos import plots  # matplotlib: imported when a figure is drawn, not at start
+
         fig = plots.bias_profile_figure(profile)
         if fig is not None:
             self.tb.add_figure("position_bias", fig, step)
