@@ -184,6 +184,7 @@ def test_readme_content_schemes_run_dense_and_blockwise(content_plugin):
         assert len(model.layer_positions) == 1  # one module per layer for every hook kind
 
 
+@pytest.mark.slow  # 7 CLI runs, ~20 s; the same schemes run dense and blockwise above
 def test_cli_trains_each_readme_content_scheme(content_plugin, tmp_path):
     """One relpos-train multirun over the four schemes (one process start), one training
     step each: the step (forward, gradients, update) and the evaluation run."""

@@ -146,7 +146,8 @@ def reference(ws) -> Path:
     return run_dir
 
 
-@pytest.mark.parametrize("mode,style", [("data", "slurm"), ("fsdp", "explicit")])
+@pytest.mark.parametrize("mode,style", [  # FSDP over 2 processes: ~22 s more, run on purpose
+    ("data", "slurm"), pytest.param("fsdp", "explicit", marks=pytest.mark.slow)])
 def test_two_processes_train_like_one(ws, reference, mode, style):
     """Data parallel (started as srun starts tasks) and FSDP (explicit settings) over 2
     processes x 2 devices: the losses, final parameters and evaluation of the 1-process

@@ -173,6 +173,7 @@ def test_steps_per_call_trains_like_one_step_per_call(ws):
     assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-5
 
 
+@pytest.mark.slow  # ~13 s; resume and steps_per_call are each checked in the default suite
 def test_resume_between_call_boundaries(ws, monkeypatch):
     """A run stopped at step 11 (one step per call) resumes with 2 steps per call: one
     1-step call to the boundary at 12, then 2-step calls; it ends where an uninterrupted

@@ -113,6 +113,7 @@ def test_same_command_twice_gives_identical_results(ws, reference):
 # ----------------------------------------------------------------------------- 1. kill -9
 
 
+@pytest.mark.slow  # ~15 s; resume after a signal is in the default suite (SIGTERM below)
 def test_kill9_then_rerun_resumes_to_identical_end(ws, reference):
     run_dir = ws.root / "killed"
     proc = start_train(ws, run_dir)
