@@ -2,8 +2,9 @@
 # The task study (README.md says what was run and what it showed): every base scheme x
 # 3 seeds on copy and assoc_recall (L = 32) and passkey (L = 128); the offset table's
 # trained weights with the mask policy; LM passkey retrieval (quick LM preset, 4
-# schemes, seed 0); Ruoss et al. (2023)'s reverse string as an anchor (not yet run).
-#   experiments/length_tasks/run_study.sh [tasks|policies|lm_passkey|anchor|plot|all]
+# schemes, seed 0); Ruoss et al. (2023)'s reverse string as an anchor; an assoc_recall
+# pilot with fewer keys and more steps.
+#   experiments/length_tasks/run_study.sh [tasks|policies|lm_passkey|anchor|assoc_pilot|plot|all]
 # Runs go to $HERE/runs/ (ignored by git); figures/ and results/ are committed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -56,6 +57,12 @@ anchor() {  # Ruoss et al. 2023's reverse string: binary, input sizes U{1..40}, 
       hydra.run.dir=$HERE/runs/anchor_reverse_randomized/$b
   done
 }
+assoc_pilot() {  # is assoc_recall learned with 128 keys (the fewest that 16x holds) and
+  # 2.5x the steps? alibi and rope, seed 0
+  relpos-train -m task=assoc_recall task.keys=128 bias=alibi,rope train.length=32 \
+    train.steps=3000 train.checkpoint_every=3000 "${COMMON[@]/seed=0,1,2/seed=0}" \
+    hydra.sweep.dir=$HERE/runs/assoc_pilot
+}
 plot() {  # tasks and LMs apart: each figure's panels share one training length
   # one corpus per results file: copy and assoc_recall read none, passkey's filler is the corpus
   relpos-plot "inputs=[$HERE/runs/copy,$HERE/runs/assoc_recall]" \
@@ -66,9 +73,16 @@ plot() {  # tasks and LMs apart: each figure's panels share one training length
     "title=Passkey retrieval (corpus filler 159a1f4ae3bfb9ca), trained at 128: 12 schemes x 3 seeds"
   relpos-plot "inputs=[$HERE/runs/lm]" out_dir=$HERE/figures/lm_passkey \
     merge_to=$HERE/results/lm_passkey.json "title=Passkey retrieval by LMs trained at 64"
+  relpos-plot "inputs=[$HERE/runs/assoc_pilot]" out_dir=$HERE/figures/assoc_pilot \
+    merge_to=$HERE/results/assoc_pilot.json \
+    "title=assoc_recall, 128 keys, 3,000 steps, trained at 32 (seed 0)"
+  relpos-plot "inputs=[$HERE/runs/anchor_reverse,$HERE/runs/anchor_reverse_randomized]" \
+    out_dir=$HERE/figures/anchor merge_to=$HERE/results/anchor.json \
+    "title=Reverse string (binary), Ruoss et al.'s shape, trained on n <= 40 (seed 0)"
+  python $HERE/anchor_score.py $HERE/results/anchor.json > $HERE/results/anchor.md
 }
 case "${1:-all}" in
-  tasks|policies|lm_passkey|anchor|plot) "$1" ;;
-  all) tasks; policies; lm_passkey; anchor; plot ;;
-  *) echo "usage: $0 [tasks|policies|lm_passkey|anchor|plot|all]" >&2; exit 2 ;;
+  tasks|policies|lm_passkey|anchor|assoc_pilot|plot) "$1" ;;
+  all) tasks; policies; lm_passkey; anchor; assoc_pilot; plot ;;
+  *) echo "usage: $0 [tasks|policies|lm_passkey|anchor|assoc_pilot|plot|all]" >&2; exit 2 ;;
 esac
