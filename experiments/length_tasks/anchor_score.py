@@ -14,6 +14,7 @@ holds no seed-to-seed variance.
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -34,7 +35,7 @@ def score(entries: list[dict], train_size: int) -> tuple[float, float, float, in
 
 
 def main(path: str) -> None:
-    runs = json.loads(open(path).read())
+    runs = json.loads(Path(path).read_text())
     fps = {r.get("dataset_fingerprint") for r in runs}
     tasks = {(r["task"], json.dumps(r.get("task_options"), sort_keys=True)) for r in runs}
     if len(tasks) != 1:
@@ -50,7 +51,7 @@ def main(path: str) -> None:
     task, options = sorted(tasks)[0]
     print(f"Task {task} (options {options}; corpus: "
           f"{sorted(map(str, fps))}). Score: per-token accuracy averaged uniformly over "
-          f"string sizes above training (trapezoid over the tested sizes), 95% normal "
+          f"string sizes n_train..n_max (trapezoid over the tested sizes), 95% normal "
           f"interval over test sequences, one training seed.\n")
     print("| encoding | seed | per-token at n_train | exact match at n_train "
           "| score over n_train..n_max [95%] | n_train, n_max |")

@@ -7,7 +7,6 @@ import logging
 import math
 from pathlib import Path
 
-
 log = logging.getLogger(__name__)
 
 
