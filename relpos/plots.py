@@ -57,6 +57,28 @@ def style(label: str, labels: list[str] | None = None) -> dict:
     return kw
 
 
+def stacked(k: int, n: int, ms: float, lw: float) -> dict:
+    """Marker size and line width of the k-th of n curves drawn on one axis: earlier
+    curves are drawn larger, so curves that coincide (two schemes at the same values)
+    show as concentric markers and a wider line beneath instead of one hiding the other."""
+    grow = (n - 1 - k) / max(n - 1, 1)
+    return {"ms": ms * (1 + 1.2 * grow), "lw": lw * (1 + 1.5 * grow)}
+
+
+def coinciding(curves: dict[str, tuple], tol: float) -> dict[str, str]:
+    """For each label whose curve ``(x, y)`` matches an earlier one's at every x within
+    ``tol`` (absolute, in y), a legend note naming it: ``{"learned_abs": " = rope"}``."""
+    notes, seen = {}, []
+    for lab, (x, y) in curves.items():
+        for other, (x2, y2) in seen:
+            if len(x) == len(x2) and np.allclose(x, x2) and np.all(np.abs(
+                    np.asarray(y, float) - np.asarray(y2, float)) <= tol):
+                notes[lab] = f" = {other}"
+                break
+        seen.append((lab, (x, y)))
+    return notes
+
+
 def collect(inputs: list[str]) -> list[dict]:
     """All runs under the given files/folders: each folder's ``results.json`` and its
     re-evaluation files (``eval*.json``, what relpos-eval writes). A re-evaluation of the
@@ -365,13 +387,13 @@ def plot_ppl_vs_length(results: list[dict], path: Path, title: str = "") -> None
         labels = _order(g)
         for row, relative in enumerate((False, True)):
             ax, shown = axes[row][col], []
-            for lab in labels:
+            for k, lab in enumerate(labels):
                 Ls, mean, lo, hi, n = _curve(g, lab, relative, train_length)
                 if n == 1 and not relative and all((cis[lab].get(L) or [None])[0] for L in Ls):
                     lo = np.array([cis[lab][L][0][0] for L in Ls])
                     hi = np.array([cis[lab][L][0][1] for L in Ls])
                 kw = style(lab, labels)
-                ax.plot(Ls, mean, ms=4, lw=1.5, label=f"{lab} ({n})", **kw)
+                ax.plot(Ls, mean, label=f"{lab} ({n})", **stacked(k, len(labels), 4, 1.5), **kw)
                 if np.any(hi > lo):
                     ax.fill_between(Ls, lo, hi, color=kw["color"], alpha=0.15, lw=0)
                 shown += list(mean) + list(lo) + list(hi)
@@ -413,13 +435,14 @@ def plot_position_loss(results: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.6), squeeze=False)
     labels = _order(curves)
     for ax, (ylabel, data) in zip(axes[0], panels):
-        for lab in labels:
+        for k, lab in enumerate(labels):
             if lab not in data:
                 continue
             stats = np.array([seed_interval(col[np.isfinite(col)]) if np.isfinite(col).any()
                               else (np.nan,) * 3 for col in np.asarray(data[lab]).T])
             kw = style(lab, labels)
-            ax.plot(mids, stats[:, 0], ms=3, lw=1.3, label=f"{lab} ({len(data[lab])})", **kw)
+            ax.plot(mids, stats[:, 0], label=f"{lab} ({len(data[lab])})",
+                    **stacked(k, len(labels), 3, 1.3), **kw)
             if len(data[lab]) > 1:
                 ax.fill_between(mids, stats[:, 1], stats[:, 2], color=kw["color"], alpha=0.15,
                                 lw=0)
@@ -634,11 +657,15 @@ def plot_accuracy_vs_length(results: list[dict], path: Path, title: str = "") ->
         for row, (field, ci_field, ylabel) in enumerate(rows):
             g, cis = accuracy_panels(results, field)[panel], accuracy_panels(results, ci_field)
             ax, labels = axes[row][col], _order(g)
-            for lab in labels:
-                Ls, mean, lo, hi = _accuracy_curve(g[lab], cis.get(panel, {}).get(lab, {}))
+            curves = {lab: _accuracy_curve(g[lab], cis.get(panel, {}).get(lab, {}))
+                      for lab in labels}
+            same = coinciding({lab: c[:2] for lab, c in curves.items()}, tol=0.005)
+            for k, lab in enumerate(labels):
+                Ls, mean, lo, hi = curves[lab]
                 kw = style(lab, labels)
                 n = max(len(v) for v in g[lab].values())
-                ax.plot(Ls, mean, ms=4, lw=1.4, label=f"{lab} ({n})", **kw)
+                ax.plot(Ls, mean, label=f"{lab} ({n}){same.get(lab, '')}",
+                        **stacked(k, len(labels), 4, 1.4), **kw)
                 ax.fill_between(Ls, lo, hi, color=kw["color"], alpha=0.15, lw=0)
             if row == 1 and panel in chance:
                 ax.axhline(chance[panel], color="0.4", ls=":", lw=1, label="chance per token")

@@ -286,3 +286,15 @@ def test_key_window_table_pairs_each_masked_run_with_its_own_full_evaluation():
     row = next(line for line in table.splitlines() if line.startswith("| alibi | 8 | 3 |"))
     assert "+0.0000" in row and f"{m:+.4f} [{lo:+.4f}, {hi:+.4f}]" in row
     assert plots.key_window_table(runs[:3]) == ""  # nothing masked: no table
+
+
+def test_coinciding_curves_are_named_in_the_legend_and_drawn_apart():
+    x = [82, 164, 328]
+    curves = {"learned_abs": (x, [1.0, 0.531, 0.502]), "rope": (x, [1.0, 0.533, 0.501]),
+              "alibi": (x, [0.894, 0.52, 0.50]), "none": (x[:2], [1.0, 0.531])}
+    assert plots.coinciding(curves, tol=0.005) == {"rope": " = learned_abs"}
+    assert plots.coinciding(curves, tol=0.001) == {}
+    sizes = [plots.stacked(k, 3, 4, 1.5) for k in range(3)]
+    assert sizes[-1] == {"ms": 4, "lw": 1.5}  # the last drawn is the base size
+    assert sizes[0]["ms"] > sizes[1]["ms"] > sizes[2]["ms"]
+    assert sizes[0]["lw"] > sizes[1]["lw"] > sizes[2]["lw"]
