@@ -223,13 +223,15 @@ def markdown_table(results: list[dict], mode: str = "nonoverlap") -> str:
     if not g:
         return ""
     cis = grouped(results, mode, "ppl_ci")
-    train_length = results[0]["train_length"]
+    trained = train_lengths(results)
     lengths = sorted({L for v in g.values() for L in v})
-    head = [f"{L} ({L / train_length:g}x)" for L in lengths]
+    head = [f"{L} ({L / trained[0]:g}x)" if len(trained) == 1 else str(L) for L in lengths]
     seeds = {lab: max(len(v) for v in g[lab].values()) for lab in g}
     fps = sorted({r.get("dataset_fingerprint") or "?" for r in results})
     lines = [f"Perplexity, {mode} evaluation: mean [95% t interval over seeds, ddof=1]; "
-             f"trained at {train_length}; corpus fingerprint {', '.join(fps)}",
+             f"trained at {_lengths_text(trained)}"
+             f"{' (each label at one)' if len(trained) > 1 else ''}; "
+             f"corpus fingerprint {', '.join(fps)}",
              "", "| scheme | seeds | " + " | ".join(head) + " |",
              "|---|---|" + "---|" * len(lengths)]
     for lab in _order(g):
@@ -256,11 +258,12 @@ def diagnostics_table(results: list[dict]) -> str:
     labs = _order(set(mass) | set(breaks))
     if not labs:
         return ""
-    train_length = results[0]["train_length"]
+    trained = train_lengths(results)
+    L0 = str(trained[0]) if len(trained) == 1 else "the run's training length L"
     lengths = sorted({L for v in mass.values() for L in v})
     longest = max(e["length"] for r in results for e in r["eval"])
-    lines = [f"Attention mass on keys at offsets >= {train_length} (queries at positions >= "
-             f"{train_length}; mean over layers, heads and windows; mean [95% t interval over "
+    lines = [f"Attention mass on keys at offsets >= {L0} (queries at positions >= "
+             f"{L0}; mean over layers, heads and windows; mean [95% t interval over "
              f"seeds]), and the breakpoint per seed at {longest} (nonoverlap)", "",
              "| scheme | " + " | ".join(f"mass at {L}" for L in lengths)
              + " | breakpoint per seed |", "|---|" + "---|" * (len(lengths) + 1)]
@@ -353,8 +356,19 @@ def readable_log_y(ax, values) -> None:
     ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
-def _log2_x(ax, train_length: int, label: str) -> None:
-    ax.axvline(train_length, color="k", ls="--", lw=1)
+def train_lengths(results: list[dict]) -> list[int]:
+    """The distinct training lengths of ``results``, sorted (a figure may compare runs
+    trained at several lengths, each label at one)."""
+    return sorted({r["train_length"] for r in results})
+
+
+def _lengths_text(lengths: list[int]) -> str:
+    return ", ".join(map(str, lengths))
+
+
+def _log2_x(ax, train_length: int | list[int], label: str) -> None:
+    for L in np.atleast_1d(train_length):
+        ax.axvline(L, color="k", ls="--", lw=1)
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
     ax.set_xlabel(label)
@@ -381,14 +395,15 @@ def plot_ppl_vs_length(results: list[dict], path: Path, title: str = "") -> None
     over target blocks, top row only)."""
     modes = [m for m in ("nonoverlap", "sliding") if grouped(results, m)]
     fig, axes = plt.subplots(2, len(modes), figsize=(6.4 * len(modes), 8.4), squeeze=False)
-    train_length = results[0]["train_length"]
+    trained = train_lengths(results)
+    own = {label_of(r): r["train_length"] for r in results}  # one L per label (grouping)
     for col, mode in enumerate(modes):
         g, cis = grouped(results, mode), grouped(results, mode, "ppl_ci")
         labels = _order(g)
         for row, relative in enumerate((False, True)):
             ax, shown = axes[row][col], []
             for k, lab in enumerate(labels):
-                Ls, mean, lo, hi, n = _curve(g, lab, relative, train_length)
+                Ls, mean, lo, hi, n = _curve(g, lab, relative, own[lab])
                 if n == 1 and not relative and all((cis[lab].get(L) or [None])[0] for L in Ls):
                     lo = np.array([cis[lab][L][0][0] for L in Ls])
                     hi = np.array([cis[lab][L][0][1] for L in Ls])
@@ -398,11 +413,12 @@ def plot_ppl_vs_length(results: list[dict], path: Path, title: str = "") -> None
                     ax.fill_between(Ls, lo, hi, color=kw["color"], alpha=0.15, lw=0)
                 shown += list(mean) + list(lo) + list(hi)
             readable_log_y(ax, shown)
-            _log2_x(ax, train_length, f"evaluation length (tokens); dashed: training length "
-                                      f"{train_length}")
+            _log2_x(ax, trained, f"evaluation length (tokens); dashed: training length"
+                                 f"{'s' if len(trained) > 1 else ''} {_lengths_text(trained)}")
             ax.set_ylabel("perplexity / perplexity at 1x" if relative else "perplexity")
             ax.set_title(f"{mode} windows" + (" (stride L/2)" if mode == "sliding" else "")
-                         + (", relative to 1x" if relative else ""))
+                         + (", relative to 1x" if relative else "")
+                         + (" (each at its own L)" if relative and len(trained) > 1 else ""))
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=8,
                bbox_to_anchor=(0.5, -0.02 - 0.025 * math.ceil(len(labels) / 5)),
@@ -428,7 +444,7 @@ def plot_position_loss(results: list[dict], path: Path) -> None:
                 if e.get("position_excess"):
                     excess[label_of(r)].append(
                         [np.nan if x is None else x for x in e["position_excess"]])
-    train_length = results[0]["train_length"]
+    trained = train_lengths(results)
     mids = np.array([max(1.0, math.sqrt(max(lo, 1) * hi)) for lo, hi in zip(edges[:-1], edges[1:])])
     panels = [("loss (nats/token)", curves)] + ([(
         "loss - same targets at the training length (nats)", excess)] if excess else [])
@@ -446,8 +462,8 @@ def plot_position_loss(results: list[dict], path: Path) -> None:
             if len(data[lab]) > 1:
                 ax.fill_between(mids, stats[:, 1], stats[:, 2], color=kw["color"], alpha=0.15,
                                 lw=0)
-        _log2_x(ax, train_length, "token position in window (log-binned); dashed: training "
-                                  "length")
+        _log2_x(ax, trained, "token position in window (log-binned); dashed: training "
+                             "length" + ("s" if len(trained) > 1 else ""))
         ax.set_ylabel(ylabel)
     axes[0][0].set_title(f"Loss by position, {longest}-token windows ({windows} per run)")
     if excess:
@@ -736,10 +752,10 @@ def make_all(inputs: list[str], out_dir: str, title: str = "",
             plot_bias_heatmap(profile, out / "bias_heatmap_alibi.png")
             written["bias_heatmap"] = str(out / "bias_heatmap_alibi.png")
             break
-    L = results[0]["train_length"]
-    longest = max(e["length"] for r in results for e in r["eval"])
-    plot_offset_counts(L, longest, out / "offset_counts.png")
-    written["offset_counts"] = str(out / "offset_counts.png")
+    if any(r.get("position_coverage") for r in results):  # some run trained a table
+        longest = max(e["length"] for r in results for e in r["eval"])
+        plot_offset_counts(train_lengths(results)[0], longest, out / "offset_counts.png")
+        written["offset_counts"] = str(out / "offset_counts.png")
     tables = "\n".join(markdown_table(lm, m) for m in ("nonoverlap", "sliding")) if lm else ""
     tables += ("\n" + diagnostics_table(lm)) if lm else ""
     paired = key_window_table(lm) if lm else ""

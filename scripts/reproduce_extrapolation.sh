@@ -4,11 +4,13 @@
 #
 #   scripts/reproduce_extrapolation.sh quick          # every scheme x 5 seeds, CPU (~1 h on 2 cores)
 #   scripts/reproduce_extrapolation.sh ablation       # offset/T5 table ablation + policy and RoPE re-evaluations (needs quick)
-#   scripts/reproduce_extrapolation.sh lengths        # the breakpoint at L = 32 and 128 (L = 64: quick)
+#   scripts/reproduce_extrapolation.sh lengths        # the breakpoint at L = 32, 128 and 256 (L = 64: quick)
+#   scripts/reproduce_extrapolation.sh alibi_lengths  # the ALiBi paper's Table 5 shape: ALiBi at 64/128/256, sinusoidal at 64, to 3072
+#   scripts/reproduce_extrapolation.sh alibi_heads    # ALiBi with 8 heads, with and without its keys beyond L
 #   scripts/reproduce_extrapolation.sh sensitivity    # FIRE threshold, xPos scale_base, Sandwich d'
 #   scripts/reproduce_extrapolation.sh context        # the quick runs with keys beyond L masked (needs quick)
 #   scripts/reproduce_extrapolation.sh content        # the content-reading schemes x 3 seeds in the quick preset
-#   scripts/reproduce_extrapolation.sh all            # the four above, in that order
+#   scripts/reproduce_extrapolation.sh all            # the presets above, in that order
 #   scripts/reproduce_extrapolation.sh paper_reduced  # short GPU run
 #   scripts/reproduce_extrapolation.sh paper          # the full GPU setting (needs network)
 #   scripts/reproduce_extrapolation.sh quick hydra/launcher=joblib hydra.launcher.n_jobs=2
@@ -30,6 +32,7 @@ start=$(date +%s)
 QUICK_EVAL=("eval.multiples=[1,2,4,8,16,32]" "eval.modes=[nonoverlap,sliding]" eval.tokens=65536)
 CONTEXT_EVAL=("eval.multiples=[1,4,32]" "eval.modes=[nonoverlap,sliding]" eval.tokens=65536)
 LENGTHS_EVAL=("eval.lengths=[32,64,128,256,512,1024,2048]" "eval.modes=[nonoverlap]" eval.tokens=65536)
+ALIBI_LENGTHS=(64 128 256)
 
 train() {  # train PRESET_DIR ARGS...: one sweep unless SKIP_TRAIN
   local dir="$1"; shift
@@ -93,7 +96,7 @@ ablation() {
 }
 lengths() {
   extra=(${bias_free[@]+"${bias_free[@]}"})
-  for L in 32 128; do
+  for L in 32 128 256; do
     train "$R/lengths_L$L" +experiment=extrapolation_lengths "train.length=$L" \
       "train.batch_size=$((1024 / L))"
     for pol in mask zero; do
@@ -126,6 +129,27 @@ context() {  # does a scheme use the context beyond L? The same runs and targets
   plot context "Context beyond L: the quick runs, and the same runs with keys at offsets >= L masked" \
     "${inputs[@]}"
 }
+alibi_lengths() {  # ALiBi trained at 64, 128, 256 and sinusoidal at 64, scored to 3072
+  extra=(${bias_free[@]+"${bias_free[@]}"})
+  local L
+  for L in "${ALIBI_LENGTHS[@]}"; do
+    train "$R/alibi_lengths/alibi_L$L" +experiment=extrapolation_alibi_lengths \
+      "train.length=$L" "train.batch_size=$((1024 / L))"
+  done
+  train "$R/alibi_lengths/sinusoidal_L64" +experiment=extrapolation_alibi_lengths bias=sinusoidal
+  plot alibi_lengths "ALiBi trained at 64, 128, 256 and sinusoidal at 64 (1024 tokens a step), to 3072" \
+    "$R/alibi_lengths"
+}
+alibi_heads() {  # ALiBi with 8 heads (slopes 1/2..1/256) in the quick setting, and the same
+  # runs with every key at an offset >= 64 masked (as the context preset)
+  extra=(${bias_free[@]+"${bias_free[@]}"})
+  train "$R/alibi_heads8" +experiment=extrapolation_quick bias=alibi model.num_heads=8 \
+    seed=0,1,2 "label=alibi (8 heads)"
+  reeval "$R/alibi_heads8" "*" eval_window.json "alibi (8 heads, keys < 64)" \
+    eval.key_window=64 "${CONTEXT_EVAL[@]}"
+  plot alibi_heads "ALiBi with 8 heads in the quick setting, with and without keys at offsets >= 64" \
+    "$R/alibi_heads8"
+}
 content() {  # the schemes that read the content, in the quick preset (3 seeds), beside
   # the quick runs of alibi, rope, t5 and none
   extra=(${bias_free[@]+"${bias_free[@]}"})
@@ -140,13 +164,13 @@ content() {  # the schemes that read the content, in the quick preset (3 seeds),
 }
 
 case "$preset" in
-  quick|ablation|lengths|sensitivity|context|content) "$preset" ;;
-  all) quick; ablation; lengths; sensitivity; context; content ;;
+  quick|ablation|lengths|alibi_lengths|alibi_heads|sensitivity|context|content) "$preset" ;;
+  all) quick; ablation; lengths; alibi_lengths; alibi_heads; sensitivity; context; content ;;
   paper|paper_reduced)
     train "$R/$preset" "+experiment=extrapolation_$preset"
     plot "$preset" "$([ "$preset" = paper ] && echo "Paper preset: GPT-2-small-like LM trained at 512 tokens" \
       || echo "Reduced paper preset: medium LM trained at 512 tokens, bf16")" "$R/$preset" ;;
-  *) echo "usage: $0 [quick|ablation|lengths|sensitivity|context|content|all|paper_reduced|paper] [relpos-train overrides...]" >&2
+  *) echo "usage: $0 [quick|ablation|lengths|alibi_lengths|alibi_heads|sensitivity|context|content|all|paper_reduced|paper] [relpos-train overrides...]" >&2
      exit 2 ;;
 esac
 echo "finished in $(( $(date +%s) - start )) s"

@@ -298,3 +298,23 @@ def test_coinciding_curves_are_named_in_the_legend_and_drawn_apart():
     assert sizes[-1] == {"ms": 4, "lw": 1.5}  # the last drawn is the base size
     assert sizes[0]["ms"] > sizes[1]["ms"] > sizes[2]["ms"]
     assert sizes[0]["lw"] > sizes[1]["lw"] > sizes[2]["lw"]
+
+
+def test_one_figure_compares_runs_trained_at_several_lengths(tmp_path):
+    """Runs at L = 64 and 128 (distinct labels): the table has absolute length columns and
+    names both training lengths; the relative panel divides each run by its own L."""
+    def run(label, L, ppls):
+        ev = [{"mode": "nonoverlap", "length": n, "ppl": p, "loss": float(np.log(p))}
+              for n, p in ppls.items()]
+        return {"label": label, "bias": "alibi", "train_length": L, "seed": 0, "eval": ev,
+                "dataset_fingerprint": "f"}
+    rs = [run("alibi (L 64)", 64, {64: 6.0, 128: 5.9, 256: 5.8}),
+          run("alibi (L 128)", 128, {64: 7.0, 128: 5.5, 256: 5.4})]
+    table = plots.markdown_table(rs)
+    assert "trained at 64, 128 (each label at one)" in table
+    assert "| 64 | 128 | 256 |" in table and "(1x)" not in table
+    g = plots.grouped(rs, "nonoverlap")
+    _, mean, *_ = plots._curve(g, "alibi (L 128)", True, 128)
+    np.testing.assert_allclose(mean, [7.0 / 5.5, 1.0, 5.4 / 5.5])
+    plots.plot_ppl_vs_length(rs, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 0
