@@ -4,7 +4,7 @@
 # trained weights with the mask policy; LM passkey retrieval (quick LM preset, 4
 # schemes, seed 0); Ruoss et al. (2023)'s reverse string as an anchor; an assoc_recall
 # pilot with fewer keys and more steps.
-#   experiments/length_tasks/run_study.sh [tasks|policies|lm_passkey|anchor|assoc_pilot|plot|all]
+#   experiments/length_tasks/run_study.sh [tasks|policies|lm_passkey|anchor|assoc_pilot|assoc_budget|plot|all]
 # Runs go to $HERE/runs/ (ignored by git); figures/ and results/ are committed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -63,6 +63,16 @@ assoc_pilot() {  # is assoc_recall learned with 128 keys (the fewest that 16x ho
     train.steps=3000 train.checkpoint_every=3000 "${COMMON[@]/seed=0,1,2/seed=0}" \
     hydra.sweep.dir=$HERE/runs/assoc_pilot
 }
+assoc_budget() {  # is it the budget or the shape? alibi, 128 keys, seed 0: 15,000 steps at
+  # the pilot's shape, and 5,000 steps at lr 1e-3 with width 64/128 x 2/4 layers
+  local P=(task=assoc_recall task.keys=128 bias=alibi train.length=32 train.batch_size=32
+           train.log_every=500 train.progress=false optim.warmup_steps=50 eval.progress=false
+           model.num_heads=4 seed=0)
+  relpos-train -m "${P[@]}" model.d_model=64 model.num_layers=2 train.steps=15000 \
+    train.checkpoint_every=5000 hydra.sweep.dir=$HERE/runs/assoc_long
+  relpos-train -m "${P[@]}" model.d_model=64,128 model.num_layers=2,4 optim.lr=1e-3 \
+    train.steps=5000 train.checkpoint_every=5000 hydra.sweep.dir=$HERE/runs/assoc_shape
+}
 plot() {  # tasks and LMs apart: each figure's panels share one training length
   # one corpus per results file: copy and assoc_recall read none, passkey's filler is the corpus
   relpos-plot "inputs=[$HERE/runs/copy,$HERE/runs/assoc_recall]" \
@@ -80,9 +90,11 @@ plot() {  # tasks and LMs apart: each figure's panels share one training length
     out_dir=$HERE/figures/anchor merge_to=$HERE/results/anchor.json \
     "title=Reverse string (binary), Ruoss et al.'s shape, trained on n <= 40 (seed 0)"
   python $HERE/anchor_score.py $HERE/results/anchor.json > $HERE/results/anchor.md
+  python $HERE/assoc_by_query.py $HERE/runs/assoc_pilot/*/ $HERE/runs/assoc_long/*/ \
+    $HERE/runs/assoc_shape/*/ > $HERE/results/assoc_by_query.md
 }
 case "${1:-all}" in
-  tasks|policies|lm_passkey|anchor|assoc_pilot|plot) "$1" ;;
-  all) tasks; policies; lm_passkey; anchor; assoc_pilot; plot ;;
-  *) echo "usage: $0 [tasks|policies|lm_passkey|anchor|assoc_pilot|plot|all]" >&2; exit 2 ;;
+  tasks|policies|lm_passkey|anchor|assoc_pilot|assoc_budget|plot) "$1" ;;
+  all) tasks; policies; lm_passkey; anchor; assoc_pilot; assoc_budget; plot ;;
+  *) echo "usage: $0 [tasks|policies|lm_passkey|anchor|assoc_pilot|assoc_budget|plot|all]" >&2; exit 2 ;;
 esac
