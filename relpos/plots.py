@@ -273,18 +273,29 @@ def diagnostics_table(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_identity(r: dict) -> tuple:
+    """Which trained run an entry evaluates: its folder where known; in a merged file
+    (folders dropped) its seed, final training loss and training time, which
+    re-evaluations copy from the run's results.json."""
+    if r.get("run_dir"):
+        return ("dir", r["run_dir"])
+    return ("run", r.get("seed"), r.get("final_train_loss"), r.get("train_seconds"))
+
+
 def key_window_table(results: list[dict]) -> str:
     """For every run re-evaluated with ``eval.key_window`` W beside its own unmasked
-    evaluation (the same run folder; label ``X (keys < W)`` beside ``X``): the per-seed loss
-    difference, masked minus full context, on the same targets, per mode and length:
-    mean [95% t interval over seeds]. Below zero: the masked keys helped the model."""
-    full = {(r.get("run_dir"), label_of(r)): r for r in results if not r.get("key_window")}
+    evaluation (the same trained run, :func:`run_identity`, with the same bias overrides;
+    any labels): the per-seed loss difference, masked minus full context, on the same
+    targets, per mode and length: mean [95% t interval over seeds], in the row of the
+    unmasked run's label. Below zero: the masked keys helped the model."""
+    def key(r):
+        return run_identity(r), json.dumps(r.get("bias_overrides") or None, sort_keys=True)
+    full = {key(r): r for r in results if not r.get("key_window")}
     diffs: dict[tuple, dict[tuple, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in results:
         if not r.get("key_window"):
             continue
-        base_label = label_of(r).removesuffix(f" (keys < {r['key_window']})")
-        base = full.get((r.get("run_dir"), base_label))
+        base = full.get(key(r))
         if base is None:
             continue
         loss = {(e["mode"], e["length"]): e["loss"] for e in base["eval"] if "loss" in e}

@@ -286,6 +286,16 @@ def test_key_window_table_pairs_each_masked_run_with_its_own_full_evaluation():
     row = next(line for line in table.splitlines() if line.startswith("| alibi | 8 | 3 |"))
     assert "+0.0000" in row and f"{m:+.4f} [{lo:+.4f}, {hi:+.4f}]" in row
     assert plots.key_window_table(runs[:3]) == ""  # nothing masked: no table
+    # a merged file drops the folders: runs are told apart by what the re-evaluation
+    # copies from them, and the masked label need not end in " (keys < W)"
+    merged = []
+    for i, r in enumerate(runs):
+        r = {k: v for k, v in r.items() if k != "run_dir"}
+        r.update(final_train_loss=1.5 + r["seed"], train_seconds=10.0 + r["seed"])
+        if r.get("key_window"):
+            r["label"] = "alibi, masked"
+        merged.append(r)
+    assert plots.key_window_table(merged) == table
 
 
 def test_coinciding_curves_are_named_in_the_legend_and_drawn_apart():
