@@ -137,6 +137,11 @@ alibi_lengths() {  # ALiBi trained at 64, 128, 256 and sinusoidal at 64, scored 
       "train.length=$L" "train.batch_size=$((1024 / L))"
   done
   train "$R/alibi_lengths/sinusoidal_L64" +experiment=extrapolation_alibi_lengths bias=sinusoidal
+  for L in 64 256; do  # the control: 4x the tokens a step (4096), 2 seeds
+    train "$R/alibi_lengths/alibi_L${L}_4096" +experiment=extrapolation_alibi_lengths \
+      "train.length=$L" "train.batch_size=$((4096 / L))" seed=0,1 \
+      "label=alibi (trained at $L, 4096 tokens a step)"
+  done
   plot alibi_lengths "ALiBi trained at 64, 128, 256 and sinusoidal at 64 (1024 tokens a step), to 3072" \
     "$R/alibi_lengths"
 }
