@@ -478,26 +478,21 @@ def _hparams(cfg) -> dict:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def evaluate_run(cfg) -> dict:
-    """``relpos-eval``: rebuild a finished run from its directory, restore the parameters
-    of its latest checkpoint (no optimiser is built) and evaluate with ``cfg.eval`` (and
-    optional scheme-option overrides); writes ``<run_dir>/<output>``."""
-    run_dir = Path(cfg.run_dir).expanduser()
+def saved_run_config(run_dir: Path, bias_overrides=None):
+    """A finished run's saved training config, with optional scheme-option overrides."""
     saved = run_dir / "relpos_config.yaml"
     if not saved.exists():
         raise RelposError(f"{run_dir} is not a relpos run directory (no relpos_config.yaml); "
                           "give run_dir=<the run directory relpos-train printed>")
     tcfg = load_saved_config(saved)
-    if cfg.bias_overrides:
-        tcfg.bias = OmegaConf.merge(tcfg.bias, cfg.bias_overrides)
-    evaluation.check_eval_config(cfg.eval)
-    task = task_of(tcfg)  # None: the corpus LM
-    check_task_eval_config(task, cfg.eval, tcfg.train.length, tcfg.data.tokenizer)
-    corpus = load_data(tcfg.data, task)
-    if task is None:
-        evaluation.check_lengths_fit(cfg.eval, tcfg.train.length, corpus.val.size)
-    model = build_model(tcfg, corpus.vocab_size)
-    evaluation.check_positions_reach(model, max(test_lengths(cfg.eval, tcfg.train.length, task)))
+    if bias_overrides:
+        tcfg.bias = OmegaConf.merge(tcfg.bias, bias_overrides)
+    return tcfg
+
+
+def restore_model(run_dir: Path, tcfg, model) -> tuple[int, Any]:
+    """``model`` (built from the run's config) with the parameters of the run's latest
+    checkpoint (no optimiser is built): ``(step, model)``."""
     graphdef, params = nnx.split(model, nnx.Param)
     ckpt = Checkpoints(run_dir / "checkpoints", tcfg.train.keep_checkpoints)
     try:
@@ -507,7 +502,24 @@ def evaluate_run(cfg) -> dict:
     if restored is None:
         raise RelposError(f"no checkpoint in {run_dir / 'checkpoints'}")
     step, params = restored
-    model = nnx.merge(graphdef, params)
+    return step, nnx.merge(graphdef, params)
+
+
+def evaluate_run(cfg) -> dict:
+    """``relpos-eval``: rebuild a finished run from its directory, restore the parameters
+    of its latest checkpoint (no optimiser is built) and evaluate with ``cfg.eval`` (and
+    optional scheme-option overrides); writes ``<run_dir>/<output>``."""
+    run_dir = Path(cfg.run_dir).expanduser()
+    tcfg = saved_run_config(run_dir, cfg.bias_overrides)
+    evaluation.check_eval_config(cfg.eval)
+    task = task_of(tcfg)  # None: the corpus LM
+    check_task_eval_config(task, cfg.eval, tcfg.train.length, tcfg.data.tokenizer)
+    corpus = load_data(tcfg.data, task)
+    if task is None:
+        evaluation.check_lengths_fit(cfg.eval, tcfg.train.length, corpus.val.size)
+    model = build_model(tcfg, corpus.vocab_size)
+    evaluation.check_positions_reach(model, max(test_lengths(cfg.eval, tcfg.train.length, task)))
+    step, model = restore_model(run_dir, tcfg, model)
     base = {}
     if (run_dir / "results.json").exists():
         base = json.loads((run_dir / "results.json").read_text())

@@ -32,7 +32,6 @@ start=$(date +%s)
 QUICK_EVAL=("eval.multiples=[1,2,4,8,16,32]" "eval.modes=[nonoverlap,sliding]" eval.tokens=65536)
 CONTEXT_EVAL=("eval.multiples=[1,4,32]" "eval.modes=[nonoverlap,sliding]" eval.tokens=65536)
 LENGTHS_EVAL=("eval.lengths=[32,64,128,256,512,1024,2048]" "eval.modes=[nonoverlap]" eval.tokens=65536)
-ALIBI_LENGTHS=(64 128 256)
 
 train() {  # train PRESET_DIR ARGS...: one sweep unless SKIP_TRAIN
   local dir="$1"; shift
@@ -132,7 +131,7 @@ context() {  # does a scheme use the context beyond L? The same runs and targets
 alibi_lengths() {  # ALiBi trained at 64, 128, 256 and sinusoidal at 64, scored to 3072
   extra=(${bias_free[@]+"${bias_free[@]}"})
   local L
-  for L in "${ALIBI_LENGTHS[@]}"; do
+  for L in 64 128 256; do
     train "$R/alibi_lengths/alibi_L$L" +experiment=extrapolation_alibi_lengths \
       "train.length=$L" "train.batch_size=$((1024 / L))"
   done
@@ -142,7 +141,7 @@ alibi_lengths() {  # ALiBi trained at 64, 128, 256 and sinusoidal at 64, scored 
       "train.length=$L" "train.batch_size=$((4096 / L))" seed=0,1 \
       "label=alibi (trained at $L, 4096 tokens a step)"
   done
-  plot alibi_lengths "ALiBi trained at 64, 128, 256 and sinusoidal at 64 (1024 tokens a step), to 3072" \
+  plot alibi_lengths "ALiBi trained at 64, 128, 256 and sinusoidal at 64 (1024 tokens a step; control: 4096), scored to 3072" \
     "$R/alibi_lengths"
 }
 alibi_heads() {  # ALiBi with 8 heads (slopes 1/2..1/256) in the quick setting, and the same

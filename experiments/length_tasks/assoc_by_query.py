@@ -18,26 +18,20 @@ from flax import nnx
 
 from relpos import runs
 from relpos import tasks as tasks_lib
-from relpos.config import build_model, load_saved_config
+from relpos.config import build_model
 from relpos.evaluation.tasks import make_argmax_fn
-from relpos.training.checkpoint import Checkpoints
 
 EXAMPLES = 512
 
 
 def by_query(run_dir: Path) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
-    tcfg = load_saved_config(run_dir / "relpos_config.yaml")
+    tcfg = runs.saved_run_config(run_dir)
     task = runs.task_of(tcfg)
     if task is None or task.name != "assoc_recall":
         raise SystemExit(f"{run_dir}: not an assoc_recall run")
     corpus = runs.load_data(tcfg.data, task)
-    graphdef, params = nnx.split(build_model(tcfg, corpus.vocab_size), nnx.Param)
-    ckpt = Checkpoints(run_dir / "checkpoints", tcfg.train.keep_checkpoints)
-    try:
-        step, params = ckpt.restore_params(params)
-    finally:
-        ckpt.close()
-    gd, state = nnx.split(nnx.merge(graphdef, params))
+    step, model = runs.restore_model(run_dir, tcfg, build_model(tcfg, corpus.vocab_size))
+    gd, state = nnx.split(model)
     L = tcfg.train.length
     insts = tasks_lib.test_instances(task, length=L, examples=EXAMPLES, start=0)
     tokens, weights = tasks_lib.pack(insts, L, task.pad_id)
