@@ -44,7 +44,8 @@ _MODEL_FREE = ("attn_impl", "block_size", "dense_max_len")
 
 def style(label: str, labels: list[str] | None = None) -> dict:
     """Matplotlib keywords for ``label``: colour and marker fixed by its scheme; the
-    k-th variant of a scheme among ``labels`` (sorted) gets the k-th variant line style."""
+    k-th variant of a scheme among ``labels`` (sorted) gets the k-th variant line style,
+    and from the fifth variant on also another marker."""
     base = label.split(" ")[0]
     i = SCHEME_ORDER.index(base) if base in SCHEME_ORDER else \
         len(SCHEME_ORDER) + zlib.crc32(base.encode()) % 7
@@ -53,7 +54,9 @@ def style(label: str, labels: list[str] | None = None) -> dict:
     if label != base:
         variants = sorted(x for x in (labels or [label]) if x.split(" ")[0] == base and x != base)
         k = variants.index(label) if label in variants else zlib.crc32(label.encode())
-        kw.update(linestyle=_VARIANT_LINES[k % len(_VARIANT_LINES)], markerfacecolor="white")
+        # past the line styles, the next marker too: (style, marker) stays distinct
+        kw.update(linestyle=_VARIANT_LINES[k % len(_VARIANT_LINES)], markerfacecolor="white",
+                  marker=_MARKERS[(i + k // len(_VARIANT_LINES)) % len(_MARKERS)])
     return kw
 
 

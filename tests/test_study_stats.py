@@ -328,3 +328,12 @@ def test_one_figure_compares_runs_trained_at_several_lengths(tmp_path):
     np.testing.assert_allclose(mean, [7.0 / 5.5, 1.0, 5.4 / 5.5])
     plots.plot_ppl_vs_length(rs, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_every_variant_of_a_scheme_gets_its_own_line_and_marker():
+    labels = ["alibi"] + [f"alibi (v{k})" for k in range(7)]
+    kws = [plots.style(lab, labels) for lab in labels]
+    pairs = {(str(kw["linestyle"]), kw["marker"]) for kw in kws}
+    assert len(pairs) == len(labels)
+    assert {kw["color"] for kw in kws} == {kws[0]["color"]}  # one colour per scheme
+    assert kws[1]["marker"] == kws[0]["marker"]  # the first variants keep the scheme's marker
