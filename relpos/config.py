@@ -336,12 +336,21 @@ def build_model(cfg, vocab_size: int) -> TransformerLM:
                          rngs=nnx.Rngs(params=cfg.seed))
 
 
+# Task options added after runs were saved, with the value that reproduces those runs.
+TASK_OPTIONS_BEFORE = {"assoc_recall": {"queries": "each"}}
+
+
 def load_saved_config(path: Path):
     """A run's saved ``relpos_config.yaml``. A key added to the schema after the run was
     saved reads as its default (every such key's default keeps the earlier behaviour,
     e.g. ``optim.position_lr_scale: 1.0``); a key the schema no longer has is kept as
-    saved."""
+    saved. A task option added later reads as the value that keeps the saved run's
+    format (:data:`TASK_OPTIONS_BEFORE`), not as the option's current default."""
     saved = OmegaConf.load(path)
+    task = saved.get("task") or {}
+    for key, value in TASK_OPTIONS_BEFORE.get(task.get("name"), {}).items():
+        if key not in task:
+            saved.task[key] = value
     try:
         return OmegaConf.merge(OmegaConf.structured(TrainConfig), saved)
     except OmegaConfBaseException:

@@ -23,10 +23,11 @@ from helpers import (
     write_corpus,
 )
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from relpos import evaluation, plots, tasks
 from relpos import runs as train_lib
-from relpos.config import build_model
+from relpos.config import build_model, load_saved_config
 from relpos.errors import RelposError
 from relpos.io import config_dir
 from relpos.tasks.passkey import QUESTION
@@ -64,8 +65,54 @@ def assoc_recall_oracle(toks):
     table = dict(zip(pairs[0::2], pairs[1::2]))
     assert len(table) == len(pairs) // 2  # distinct keys
     queries = toks[sep + 1::2]
-    assert sorted(queries) == sorted(table)  # every key asked once
+    assert len(queries) == len(table) and set(queries) <= set(table)  # n queries of its keys
     return {sep + 2 + 2 * i: table[q] for i, q in enumerate(queries)}
+
+
+def assoc_queries(task, size=7, examples=2000):
+    """The query keys of ``examples`` instances of ``size`` pairs, as ranks in the list."""
+    out = []
+    for i in range(examples):
+        toks = list(map(int, task.make(np.random.default_rng(i), size, None).tokens))
+        keys = toks[1:2 * size + 1:2]
+        out.append([keys.index(q) for q in toks[2 * size + 2::2]])
+    return np.array(out)
+
+
+def test_assoc_recall_queries_each_asks_every_key_once():
+    ranks = assoc_queries(tasks.build("assoc_recall", queries="each"))
+    assert all(sorted(r) == list(range(7)) for r in ranks)
+
+
+def test_assoc_recall_random_queries_leave_nothing_to_eliminate():
+    """``queries=random`` (the default): each query an independent uniform draw from
+    the sequence's keys, so the keys asked before say nothing about the next one."""
+    assert tasks.build("assoc_recall").queries == "random"
+    ranks = assoc_queries(tasks.build("assoc_recall"))
+    distinct = np.array([len(set(r)) for r in ranks])
+    assert abs(distinct.mean() - 7 * (1 - (6 / 7) ** 7)) < 0.1  # 4.71 keys asked of 7
+    assert (distinct == 7).mean() < 0.02  # all 7 once: 7!/7^7 = 0.006
+    # every query position asks every key rank about equally often (1/7 each)
+    freq = np.stack([(ranks == k).mean(0) for k in range(7)])
+    assert np.abs(freq - 1 / 7).max() < 0.03
+    # the last query's key was asked before about as often as independence predicts
+    seen = np.array([r[-1] in r[:-1] for r in ranks]).mean()
+    assert abs(seen - (1 - (6 / 7) ** 6)) < 0.04  # 0.60
+
+
+def test_saved_assoc_run_without_queries_reads_as_each(tmp_path):
+    """A run saved before ``task.queries`` existed was trained with every key asked
+    once: relpos-eval must regenerate that format, not the new default."""
+    cfg = compose_train(["task=assoc_recall"])
+    saved = OmegaConf.to_container(cfg, resolve=True)
+    del saved["task"]["queries"]
+    path = tmp_path / "relpos_config.yaml"
+    path.write_text(OmegaConf.to_yaml(saved))
+    assert load_saved_config(path).task.queries == "each"
+    assert train_lib.task_of(load_saved_config(path)).queries == "each"
+    saved["task"]["queries"] = "random"
+    path.write_text(OmegaConf.to_yaml(saved))
+    assert load_saved_config(path).task.queries == "random"
 
 
 def flipflop_oracle(toks):
@@ -303,7 +350,8 @@ def test_task_run_resumes_bitwise_and_relpos_eval_reproduces_it(ws, monkeypatch)
     assert out["eval"] == ref["eval"]
     assert_trees_equal(restore_state(parts, 20), restore_state(whole, 20))
 
-    assert (ref["task"], ref["task_options"]) == ("assoc_recall", {"keys": 64, "values": 16})
+    assert (ref["task"], ref["task_options"]) == ("assoc_recall", {"keys": 64, "values": 16,
+                                                                  "queries": "random"})
     assert ref["dataset"] is None and "attention_far_mass" not in ref
     assert [(e["length"], e["mode"], e["examples"]) for e in ref["eval"]] == \
         [(16, "task", 50), (32, "task", 50)]
@@ -363,6 +411,8 @@ class _Corpus:
      "task=passkey writes its sentences as bytes and needs data.tokenizer=bytes; got bpe"),
     (["task=assoc_recall", "task.keys=64", "train.length=64"],
      "task=assoc_recall at test length 512 holds 127 key-value pairs, more than task.keys=64"),
+    (["task=assoc_recall", "task.queries=once"], "task.queries must be one of random, each, "
+                                                 "got 'once'"),
     (["task=selective_copy", "train.length=16"], "task=selective_copy needs a train.length of "
                                                  "at least 17 tokens"),
     (["task=copy", "eval.task_examples=0"], "eval.task_examples must be an integer >= 1, got 0"),

@@ -16,9 +16,15 @@ alone carry a loss and are scored):
   is how Ruoss et al.'s encoder reads its output slots; here the attention stays causal.
 * ``assoc_recall`` — multi-query associative recall (Arora et al. 2023, Zoology's MQAR):
   ``BOS k1 v1 .. kn vn SEP q1 | a1 q2 | a2 ..`` with n distinct keys (ids 3 ..
-  3+keys-1), values from ``values`` ids after them (repeats allowed), the queries a
-  random order of all n keys and each answer the value bound to its query. Size n;
-  ``4n + 2`` tokens. Only the answers are scored (as in MQAR), not the query tokens.
+  3+keys-1), values from ``values`` ids after them (repeats allowed), n queries and
+  each answer the value bound to its query. Size n; ``4n + 2`` tokens. Only the answers
+  are scored (as in MQAR), not the query tokens. ``queries`` says how the n queries are
+  drawn: ``random`` (default) draws each independently and uniformly from the n keys (a
+  key may be asked twice or never); ``each`` asks every key once, in a random order.
+  With ``each`` the pairs not yet asked narrow the answer (the last query has one left),
+  so a model can score well above chance by elimination without looking the key up;
+  ``random`` leaves nothing to eliminate. Runs saved before the option existed read as
+  ``each``, the format they were trained on.
 * ``flipflop`` — flip-flop language modelling (Liu et al. 2023): ``BOS`` then n pairs
   ``(instruction, bit)`` with instruction ``w`` (write, id 2), ``r`` (read, 3) or ``i``
   (ignore, 4) and bit ``0``/``1`` (ids 5, 6); ``i`` with probability ``ignore_prob``
@@ -89,9 +95,15 @@ class Reverse(_Symbols):
 
 @register("assoc_recall")
 class AssocRecall(Task):
-    def __init__(self, keys: int = 512, values: int = 16):
+    QUERIES = ("random", "each")
+
+    def __init__(self, keys: int = 512, values: int = 16, queries: str = "random"):
         self.keys = check_positive_int("task.keys", keys)
         self.values = check_positive_int("task.values", values, minimum=2)
+        if queries not in self.QUERIES:
+            raise RelposConfigError(f"task.queries must be one of {', '.join(self.QUERIES)}, "
+                                    f"got {queries!r}")
+        self.queries = queries
         self.vocab_size = 3 + self.keys + self.values
         self.chance = 1.0 / self.values
 
@@ -112,7 +124,8 @@ class AssocRecall(Task):
             raise RelposError(f"task=assoc_recall: {size} pairs need task.keys>={size}")
         keys = 3 + rng.choice(self.keys, size=size, replace=False)
         values = 3 + self.keys + rng.integers(0, self.values, size=size)
-        order = rng.permutation(size)
+        order = (rng.permutation(size) if self.queries == "each"
+                 else rng.integers(0, size, size=size))
         pairs = np.stack([keys, values], 1).reshape(-1)
         tokens = np.concatenate([[BOS], pairs, [SEP], np.stack([keys[order], values[order]], 1)
                                  .reshape(-1)]).astype(np.int32)
