@@ -72,6 +72,40 @@ def cli_argv(cmd: str) -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "relpos.cli", cmd]
 
 
+def run_cli_in_process(cmd: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``relpos-<cmd> args`` run in this process, as its console script would run it
+    (``main()`` with ``sys.argv``, in ``cwd``): the exit status and what it printed, with
+    no interpreter start or imports per call. Hydra's logging set-up is skipped (it would
+    close every logging handler of this process, pytest's too), so no train.log is
+    written: a test of the log runs the script itself. argv, the working directory, the
+    unraisable hook and Hydra's global state are restored afterwards."""
+    import importlib
+    import io
+    from unittest import mock
+
+    from hydra._internal import logging_config
+    from hydra.core.global_hydra import GlobalHydra
+
+    main = importlib.import_module(f"relpos.cli.{cmd}").main
+    out, err = io.StringIO(), io.StringIO()
+    saved = sys.argv, os.getcwd(), sys.unraisablehook
+    sys.argv = [f"relpos-{cmd}", *args]
+    os.chdir(cwd)
+    GlobalHydra.instance().clear()
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                mock.patch.object(logging_config, "configure_logging"):
+            main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        GlobalHydra.instance().clear()
+        sys.argv, _, sys.unraisablehook = saved
+        os.chdir(saved[1])
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
 class Workspace:
     """A corpus, a token cache and the tiny-model overrides every run here shares."""
 

@@ -4,7 +4,10 @@ A mistake in the user's input must end the run with a non-zero exit status and o
 on stderr that says what is wrong (``relpos-train: error: ...``) — no Python traceback —
 and, where it can be known up front, before any training. Config keys that do not exist
 are Hydra's to report: its message spans a few lines, names the key, and has no
-traceback either. The cases run as subprocesses, two at a time, in one fixture.
+traceback either. Most cases run in this process, as the console script would run
+them (``helpers.run_cli_in_process``: the same ``main()``, argv and working directory);
+those marked ``subprocess`` run the installed script itself, one per command and one for
+Hydra's own error, so the wiring from console script to message is tested too.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pytest
-from helpers import Workspace, cli_argv, compose_train
+from helpers import Workspace, cli_argv, compose_train, run_cli_in_process
 from omegaconf import OmegaConf
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -33,11 +36,13 @@ class Case:
     env: dict = field(default_factory=dict)
     before_training: bool = True  # no checkpoint may have been written
     skip: str | None = None
+    subprocess: bool = False  # run the installed console script (else in this process)
 
 
 CASES = {
     # schemes and their options
-    "unknown_scheme_group": Case(["bias=nope"], "Could not find 'bias/nope'", hydra=True),
+    "unknown_scheme_group": Case(["bias=nope"], "Could not find 'bias/nope'", hydra=True,
+                                 subprocess=True),
     "unknown_scheme_name": Case(
         ["bias.name=nope"], "unknown position scheme 'nope'; available: alibi, cope, dape, fire,"),
     "t5_one_bucket": Case(["bias=t5", "bias.num_buckets=1"],
@@ -58,7 +63,8 @@ CASES = {
     # config keys and sizes
     "unknown_key": Case(["train.foo=1"], "Key 'foo' not in 'TrainSection'", hydra=True),
     "d_model_zero": Case(["model.d_model=0"], "model.d_model must be an integer >= 1, got 0"),
-    "steps_negative": Case(["train.steps=-1"], "train.steps must be an integer >= 1, got -1"),
+    "steps_negative": Case(["train.steps=-1"], "train.steps must be an integer >= 1, got -1",
+                           subprocess=True),
     "position_lr_scale_zero": Case(["optim.position_lr_scale=0"],
                                    "optim.position_lr_scale must be a positive finite number, "
                                    "got 0"),
@@ -104,10 +110,10 @@ CASES = {
     "eval_without_run_dir": Case([], "run_dir is required: relpos-eval run_dir=", cmd="eval",
                                  data=False),
     "eval_not_a_run": Case(["run_dir={root}"], "is not a relpos run directory", cmd="eval",
-                           data=False),
+                           data=False, subprocess=True),
     "plot_no_results": Case(["inputs=[{root}/empty_dir]", "out_dir={root}/figs"],
                             "no results.json found under {root}/empty_dir", cmd="plot",
-                            data=False),
+                            data=False, subprocess=True),
 }
 
 
@@ -120,8 +126,10 @@ def run_case(ws: Workspace, name: str, case: Case) -> subprocess.CompletedProces
         has_dir = any(a.startswith("hydra.run.dir=") for a in args)
         args = base + ["train.steps=2"] + args + \
             ([] if has_dir else [f"hydra.run.dir={ws.root / 'runs' / name}"])
-    return subprocess.run(cli_argv(case.cmd) + args, capture_output=True, text=True,
-                          cwd=ws.root, env={**ws.env, **case.env}, timeout=300)
+    if case.subprocess or case.env:
+        return subprocess.run(cli_argv(case.cmd) + args, capture_output=True, text=True,
+                              cwd=ws.root, env={**ws.env, **case.env}, timeout=300)
+    return run_cli_in_process(case.cmd, args, ws.root)
 
 
 @pytest.fixture(scope="module")
@@ -144,9 +152,12 @@ def ws(tmp_path_factory) -> Workspace:
 @pytest.fixture(scope="module")
 def outcomes(ws) -> dict[str, subprocess.CompletedProcess]:
     todo = {name: case for name, case in CASES.items() if not case.skip}
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {name: pool.submit(run_case, ws, name, case) for name, case in todo.items()}
-        return {name: f.result() for name, f in futures.items()}
+    apart = {name for name, case in todo.items() if case.subprocess or case.env}
+    with ThreadPoolExecutor(max_workers=2) as pool:  # the scripts, while the rest run here
+        futures = {name: pool.submit(run_case, ws, name, todo[name]) for name in apart}
+        here = {name: run_case(ws, name, case) for name, case in todo.items()
+                if name not in apart}
+        return here | {name: f.result() for name, f in futures.items()}
 
 
 @pytest.mark.parametrize("name", list(CASES))
