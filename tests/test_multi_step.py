@@ -133,7 +133,8 @@ def test_position_lr_scale_scales_only_the_position_schemes_updates(scheme, shar
     model = TransformerLM(cfg, scheme, rngs=nnx.Rngs(params=0))
     graphdef, params = nnx.split(model, nnx.Param)
     tokens = jax.random.randint(jax.random.key(1), (2, 17), 0, cfg.vocab_size)
-    grads = jax.grad(lambda p: lm_loss(nnx.merge(graphdef, p), tokens, jnp.arange(16)))(params)
+    grads = jax.jit(jax.grad(lambda p: lm_loss(nnx.merge(graphdef, p), tokens,
+                                               jnp.arange(16))))(params)
     mask = position_mask(params)
     owners = {jax.tree_util.keystr(path[:1]) for path, m in
               jax.tree_util.tree_leaves_with_path(mask) if m}
@@ -141,7 +142,7 @@ def test_position_lr_scale_scales_only_the_position_schemes_updates(scheme, shar
     moved = {}
     for k in (1.0, 10.0):
         tx, _ = make_optimizer(OptimSection(warmup_steps=0, position_lr_scale=k), 10, params)
-        moved[k], _ = tx.update(grads, tx.init(params), params)
+        moved[k], _ = jax.jit(tx.update)(grads, tx.init(params), params)
     for m, a, b in zip(jax.tree.leaves(mask), jax.tree.leaves(moved[1.0]),
                        jax.tree.leaves(moved[10.0])):
         np.testing.assert_allclose(b, (10.0 if m else 1.0) * np.asarray(a), rtol=1e-6)
