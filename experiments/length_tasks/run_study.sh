@@ -4,7 +4,8 @@
 # trained weights with the mask policy; LM passkey retrieval (quick LM preset, 4
 # schemes, seed 0); Ruoss et al. (2023)'s reverse string as an anchor; an assoc_recall
 # pilot with fewer keys and more steps.
-#   experiments/length_tasks/run_study.sh [tasks|policies|lm_passkey|anchor|assoc_pilot|assoc_budget|plot|all]
+#   experiments/length_tasks/run_study.sh [tasks|policies|lm_passkey|anchor|assoc_pilot|
+#                                          assoc_budget|assoc_random|plot|all]
 # Runs go to $HERE/runs/ (ignored by git); figures/ and results/ are committed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -73,6 +74,19 @@ assoc_budget() {  # is it the budget or the shape? alibi, 128 keys, seed 0: 15,0
   relpos-train -m "${P[@]}" model.d_model=64,128 model.num_layers=2,4 optim.lr=1e-3 \
     train.steps=5000 train.checkpoint_every=5000 hydra.sweep.dir=$HERE/runs/assoc_shape
 }
+assoc_random() {  # assoc_recall with random queries (task.queries=random, the default: no
+  # elimination), 64 keys (8x = 63 pairs), batch 128 at lr 1e-3. A pilot (alibi, seed 0,
+  # 4,000 steps) learned the lookup after ~2,000 steps. What was run: every scheme x seed 0
+  # at 3,000 steps, then 6 schemes x seed 0 at 8,000 steps.
+  local R=(task=assoc_recall task.keys=64 task.queries=random "eval.task_multiples=[1,2,4,8]"
+           train.length=32 train.batch_size=128 train.log_every=250 train.progress=false
+           optim.lr=1e-3 optim.warmup_steps=200 model.d_model=64 model.num_layers=2
+           model.num_heads=4 eval.progress=false seed=0)
+  relpos-train -m "${R[@]}" bias=$SCHEMES train.steps=3000 train.checkpoint_every=3000 \
+    hydra.sweep.dir=$HERE/runs/assoc_random
+  relpos-train -m "${R[@]}" bias=alibi,offset,rope,t5,kerple_log,none train.steps=8000 \
+    train.checkpoint_every=4000 hydra.sweep.dir=$HERE/runs/assoc_random_long
+}
 plot() {  # tasks and LMs apart: each figure's panels share one training length
   # one corpus per results file: copy and assoc_recall read none, passkey's filler is the corpus
   relpos-plot "inputs=[$HERE/runs/copy,$HERE/runs/assoc_recall]" \
@@ -90,11 +104,21 @@ plot() {  # tasks and LMs apart: each figure's panels share one training length
     out_dir=$HERE/figures/anchor merge_to=$HERE/results/anchor.json \
     "title=Reverse string (binary), Ruoss et al.'s shape, trained on n <= 40 (seed 0)"
   python $HERE/anchor_score.py $HERE/results/anchor.json > $HERE/results/anchor.md
+  relpos-plot "inputs=[$HERE/runs/assoc_random]" out_dir=$HERE/figures/assoc_random \
+    merge_to=$HERE/results/assoc_random.json \
+    "title=assoc_recall, random queries, 64 keys, 3,000 steps, trained at 32 (seed 0)"
+  relpos-plot "inputs=[$HERE/runs/assoc_random_long]" out_dir=$HERE/figures/assoc_random_long \
+    merge_to=$HERE/results/assoc_random_long.json \
+    "title=assoc_recall, random queries, 64 keys, 8,000 steps, trained at 32 (seed 0)"
+  python $HERE/assoc_lookup.py $HERE/runs/assoc_random_long/*/ > $HERE/results/assoc_lookup.md
+  python $HERE/assoc_lookup.py --policy=mask $HERE/runs/assoc_random_long/bias=offset,*/ \
+    | tail -n +3 >> $HERE/results/assoc_lookup.md  # the same table with no attention beyond L
   python $HERE/assoc_by_query.py $HERE/runs/assoc_pilot/*/ $HERE/runs/assoc_long/*/ \
     $HERE/runs/assoc_shape/*/ > $HERE/results/assoc_by_query.md
 }
 case "${1:-all}" in
-  tasks|policies|lm_passkey|anchor|assoc_pilot|assoc_budget|plot) "$1" ;;
-  all) tasks; policies; lm_passkey; anchor; assoc_pilot; assoc_budget; plot ;;
-  *) echo "usage: $0 [tasks|policies|lm_passkey|anchor|assoc_pilot|assoc_budget|plot|all]" >&2; exit 2 ;;
+  tasks|policies|lm_passkey|anchor|assoc_pilot|assoc_budget|assoc_random|plot) "$1" ;;
+  all) tasks; policies; lm_passkey; anchor; assoc_pilot; assoc_budget; assoc_random; plot ;;
+  *) echo "usage: $0 [tasks|policies|lm_passkey|anchor|assoc_pilot|assoc_budget|assoc_random|plot|all]" >&2
+     exit 2 ;;
 esac

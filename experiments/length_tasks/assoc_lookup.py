@@ -1,0 +1,91 @@
+"""assoc_recall with random queries: is the answer looked up, or copied from an earlier query?
+
+    python experiments/length_tasks/assoc_lookup.py [--policy=mask] RUN_DIR [RUN_DIR ...] > results/assoc_lookup.md
+
+With ``task.queries=random`` a key may be asked twice. The second time, its answer also
+stands right after the first query, a few tokens back, so a model can get it right by
+copying instead of finding the key in the list. This splits each run's answers (500 test
+sequences at each of its test lengths, the same as its results.json) into queries whose
+key is asked for the first time, which only a lookup in the key-value list answers, and
+repeated ones. Intervals: 95% percentile bootstrap over test sequences. ``--policy=P``
+re-evaluates the runs with ``bias.policy=P`` (the offset table's ``mask``: no attention
+to keys at offsets >= L), as relpos-eval's ``+bias_overrides.policy=P`` does.
+"""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+from flax import nnx
+
+from relpos import runs
+from relpos import tasks as tasks_lib
+from relpos.config import build_model
+from relpos.evaluation import ratio_ci
+from relpos.evaluation.tasks import make_argmax_fn
+
+EXAMPLES = 500
+
+
+def split_answers(tokens: np.ndarray, weights: np.ndarray, ok: np.ndarray):
+    """Per sequence: (correct, asked) for first-time queries and for repeated ones."""
+    first, repeat = np.zeros((len(tokens), 2)), np.zeros((len(tokens), 2))
+    for b in range(len(tokens)):
+        asked = set()
+        for a in np.flatnonzero(weights[b]):  # input position a holds the query key
+            key = int(tokens[b, a])
+            row = repeat if key in asked else first
+            row[b] += (ok[b, a], 1)
+            asked.add(key)
+    return first, repeat
+
+
+def lookup_table(run_dir: Path, policy: str | None = None) -> tuple[str, list[tuple]]:
+    tcfg = runs.saved_run_config(run_dir, {"policy": policy} if policy else None)
+    task = runs.task_of(tcfg)
+    if task is None or task.name != "assoc_recall":
+        raise SystemExit(f"{run_dir}: not an assoc_recall run")
+    corpus = runs.load_data(tcfg.data, task)
+    step, model = runs.restore_model(run_dir, tcfg, build_model(tcfg, corpus.vocab_size))
+    gd, state = nnx.split(model)
+    argmax = make_argmax_fn(gd, 512)
+    L, rows = tcfg.train.length, []
+    for k in tcfg.eval.task_multiples:
+        insts = tasks_lib.test_instances(task, length=k * L, examples=EXAMPLES, start=0)
+        tokens, weights = tasks_lib.pack(insts, k * L, task.pad_id)
+        ok = np.asarray(argmax(state, tokens[:, :-1])) == tokens[:, 1:]
+        first, repeat = split_answers(tokens, weights, ok)
+        rows.append((k, k * L, *(summary(x) for x in (first, repeat))))
+    m = tcfg.model
+    label = runs.default_label(tcfg.bias.name, tcfg.optim) + (f" ({policy})" if policy else "")
+    what = (f"{label}, seed {tcfg.seed}: width "
+            f"{m.d_model}, {m.num_layers} layers, {step} steps, {task.keys} keys, trained at {L}")
+    return what, rows
+
+
+def summary(counts: np.ndarray) -> str:
+    hit, n = counts[:, 0], counts[:, 1]
+    lo, hi = ratio_ci(hit, n)
+    return f"{hit.sum() / n.sum():.3f} [{lo:.3f}, {hi:.3f}] ({int(n.sum())})"
+
+
+def main(args: list[str]) -> None:
+    policy = next((a.split("=", 1)[1] for a in args if a.startswith("--policy=")), None)
+    paths = [a for a in args if not a.startswith("--policy=")]
+    if not paths:
+        raise SystemExit(__doc__)
+    print(f"assoc_recall answers split by whether the query's key was asked before "
+          f"({EXAMPLES} test sequences per length; experiments/length_tasks/assoc_lookup.py). "
+          f"Correct share [95% bootstrap over sequences] (answers). Chance: 1/values.\n")
+    for p in paths:
+        what, rows = lookup_table(Path(p), policy)
+        print(f"### {what}\n")
+        print("| x train | length | first time asked (lookup) | asked before (copy possible) |")
+        print("|---|---|---|---|")
+        for k, n, first, repeat in rows:
+            print(f"| {k} | {n} | {first} | {repeat} |")
+        print()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
