@@ -24,14 +24,20 @@ from relpos.evaluation.tasks import make_argmax_fn
 EXAMPLES = 512
 
 
-def by_query(run_dir: Path) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
-    tcfg = runs.saved_run_config(run_dir)
+def restore_assoc_run(run_dir: Path, bias_overrides=None):
+    """A finished assoc_recall run: ``(config, task, step, graphdef, state)`` of its
+    latest checkpoint (also used by assoc_lookup.py)."""
+    tcfg = runs.saved_run_config(run_dir, bias_overrides)
     task = runs.task_of(tcfg)
     if task is None or task.name != "assoc_recall":
         raise SystemExit(f"{run_dir}: not an assoc_recall run")
     corpus = runs.load_data(tcfg.data, task)
     step, model = runs.restore_model(run_dir, tcfg, build_model(tcfg, corpus.vocab_size))
-    gd, state = nnx.split(model)
+    return (tcfg, task, step, *nnx.split(model))
+
+
+def by_query(run_dir: Path) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
+    tcfg, task, step, gd, state = restore_assoc_run(run_dir)
     L = tcfg.train.length
     insts = tasks_lib.test_instances(task, length=L, examples=EXAMPLES, start=0)
     tokens, weights = tasks_lib.pack(insts, L, task.pad_id)

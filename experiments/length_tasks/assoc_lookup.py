@@ -16,11 +16,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from flax import nnx
+from assoc_by_query import restore_assoc_run  # this folder, beside this script
 
 from relpos import runs
 from relpos import tasks as tasks_lib
-from relpos.config import build_model
 from relpos.evaluation import ratio_ci
 from relpos.evaluation.tasks import make_argmax_fn
 
@@ -41,13 +40,8 @@ def split_answers(tokens: np.ndarray, weights: np.ndarray, ok: np.ndarray):
 
 
 def lookup_table(run_dir: Path, policy: str | None = None) -> tuple[str, list[tuple]]:
-    tcfg = runs.saved_run_config(run_dir, {"policy": policy} if policy else None)
-    task = runs.task_of(tcfg)
-    if task is None or task.name != "assoc_recall":
-        raise SystemExit(f"{run_dir}: not an assoc_recall run")
-    corpus = runs.load_data(tcfg.data, task)
-    step, model = runs.restore_model(run_dir, tcfg, build_model(tcfg, corpus.vocab_size))
-    gd, state = nnx.split(model)
+    tcfg, task, step, gd, state = restore_assoc_run(run_dir,
+                                                    {"policy": policy} if policy else None)
     argmax = make_argmax_fn(gd, 512)
     L, rows = tcfg.train.length, []
     for k in tcfg.eval.task_multiples:
