@@ -77,7 +77,7 @@ assoc_budget() {  # is it the budget or the shape? alibi, 128 keys, seed 0: 15,0
 assoc_random() {  # assoc_recall with random queries (task.queries=random, the default: no
   # elimination), 64 keys (8x = 63 pairs), batch 128 at lr 1e-3. A pilot (alibi, seed 0,
   # 4,000 steps) learned the lookup after ~2,000 steps. What was run: every scheme x seed 0
-  # at 3,000 steps, then 6 schemes x seed 0 at 8,000 steps.
+  # at 3,000 steps, then 6 schemes x seed 0 and 3 x seed 1 at 8,000 steps.
   local R=(task=assoc_recall task.keys=64 task.queries=random "eval.task_multiples=[1,2,4,8]"
            train.length=32 train.batch_size=128 train.log_every=250 train.progress=false
            optim.lr=1e-3 optim.warmup_steps=200 model.d_model=64 model.num_layers=2
@@ -85,6 +85,8 @@ assoc_random() {  # assoc_recall with random queries (task.queries=random, the d
   relpos-train -m "${R[@]}" bias=$SCHEMES train.steps=3000 train.checkpoint_every=3000 \
     hydra.sweep.dir=$HERE/runs/assoc_random
   relpos-train -m "${R[@]}" bias=alibi,offset,rope,t5,kerple_log,none train.steps=8000 \
+    train.checkpoint_every=4000 hydra.sweep.dir=$HERE/runs/assoc_random_long
+  relpos-train -m "${R[@]/seed=0/seed=1}" bias=alibi,rope,kerple_log train.steps=8000 \
     train.checkpoint_every=4000 hydra.sweep.dir=$HERE/runs/assoc_random_long
 }
 plot() {  # tasks and LMs apart: each figure's panels share one training length
