@@ -3,7 +3,7 @@
     python experiments/length_tasks/assoc_lookup.py [--policy=mask] RUN_DIR [RUN_DIR ...] > results/assoc_lookup.md
 
 With ``task.queries=random`` a key may be asked twice. The second time, its answer also
-stands right after the first query, a few tokens back, so a model can get it right by
+stands right after the first query, so a model can get it right by
 copying instead of finding the key in the list. This splits each run's answers (500 test
 sequences at each of its test lengths, the same as its results.json) into queries whose
 key is asked for the first time, which only a lookup in the key-value list answers, and
