@@ -6,8 +6,9 @@ and, where it can be known up front, before any training. Config keys that do no
 are Hydra's to report: its message spans a few lines, names the key, and has no
 traceback either. Most cases run in this process, as the console script would run
 them (``helpers.run_cli_in_process``: the same ``main()``, argv and working directory);
-those marked ``subprocess`` run the installed script itself, one per command and one for
-Hydra's own error, so the wiring from console script to message is tested too.
+those marked ``subprocess`` (and any that set environment variables) run the installed
+script itself, one per command and one for Hydra's own error, so the wiring from console
+script to message is tested too.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ class Case:
     before_training: bool = True  # no checkpoint may have been written
     skip: str | None = None
     subprocess: bool = False  # run the installed console script (else in this process)
+
+    def __post_init__(self):
+        self.subprocess = self.subprocess or bool(self.env)  # env: only a new process reads it
 
 
 CASES = {
@@ -126,7 +130,7 @@ def run_case(ws: Workspace, name: str, case: Case) -> subprocess.CompletedProces
         has_dir = any(a.startswith("hydra.run.dir=") for a in args)
         args = base + ["train.steps=2"] + args + \
             ([] if has_dir else [f"hydra.run.dir={ws.root / 'runs' / name}"])
-    if case.subprocess or case.env:
+    if case.subprocess:
         return subprocess.run(cli_argv(case.cmd) + args, capture_output=True, text=True,
                               cwd=ws.root, env={**ws.env, **case.env}, timeout=300)
     return run_cli_in_process(case.cmd, args, ws.root)
@@ -152,7 +156,7 @@ def ws(tmp_path_factory) -> Workspace:
 @pytest.fixture(scope="module")
 def outcomes(ws) -> dict[str, subprocess.CompletedProcess]:
     todo = {name: case for name, case in CASES.items() if not case.skip}
-    apart = {name for name, case in todo.items() if case.subprocess or case.env}
+    apart = {name for name, case in todo.items() if case.subprocess}
     with ThreadPoolExecutor(max_workers=2) as pool:  # the scripts, while the rest run here
         futures = {name: pool.submit(run_case, ws, name, todo[name]) for name in apart}
         here = {name: run_case(ws, name, case) for name, case in todo.items()
