@@ -5,7 +5,7 @@
 # schemes, seed 0); Ruoss et al. (2023)'s reverse string as an anchor; an assoc_recall
 # pilot with fewer keys and more steps.
 #   experiments/length_tasks/run_study.sh [tasks|policies|lm_passkey|anchor|assoc_pilot|
-#                                          assoc_budget|assoc_random|plot|all]
+#                                          assoc_budget|assoc_random|assoc_random_seeds|plot|all]
 # Runs go to $HERE/runs/ (ignored by git); figures/ and results/ are committed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -89,6 +89,20 @@ assoc_random() {  # assoc_recall with random queries (task.queries=random, the d
   relpos-train -m "${R[@]/seed=0/seed=1}" bias=alibi,rope,kerple_log train.steps=8000 \
     train.checkpoint_every=4000 hydra.sweep.dir=$HERE/runs/assoc_random_long
 }
+assoc_random_seeds() {  # the rest of the 8,000-step grid (every scheme x seeds 0-2), in the
+  # order it was run: every scheme at seed 0, then the lookup learners' seed 2, then seed 1
+  # and seed 2 of the others. Each run takes 6-12 minutes on 2 cores.
+  local R=(task=assoc_recall task.keys=64 task.queries=random "eval.task_multiples=[1,2,4,8]"
+           train.length=32 train.batch_size=128 train.log_every=250 train.progress=false
+           optim.lr=1e-3 optim.warmup_steps=200 model.d_model=64 model.num_layers=2
+           model.num_heads=4 eval.progress=false train.steps=8000 train.checkpoint_every=4000
+           hydra.sweep.dir=$HERE/runs/assoc_random_long)
+  local rest=sandwich,kerple_power,fire,xpos,learned_abs,sinusoidal
+  relpos-train -m "${R[@]}" bias=$rest seed=0
+  relpos-train -m "${R[@]}" bias=alibi,rope,kerple_log seed=2
+  relpos-train -m "${R[@]}" bias=t5,offset,none,$rest seed=1
+  relpos-train -m "${R[@]}" bias=t5,offset,none,$rest seed=2
+}
 plot() {  # tasks and LMs apart: each figure's panels share one training length
   # one corpus per results file: copy and assoc_recall read none, passkey's filler is the corpus
   relpos-plot "inputs=[$HERE/runs/copy,$HERE/runs/assoc_recall]" \
@@ -119,8 +133,8 @@ plot() {  # tasks and LMs apart: each figure's panels share one training length
     $HERE/runs/assoc_shape/*/ > $HERE/results/assoc_by_query.md
 }
 case "${1:-all}" in
-  tasks|policies|lm_passkey|anchor|assoc_pilot|assoc_budget|assoc_random|plot) "$1" ;;
-  all) tasks; policies; lm_passkey; anchor; assoc_pilot; assoc_budget; assoc_random; plot ;;
-  *) echo "usage: $0 [tasks|policies|lm_passkey|anchor|assoc_pilot|assoc_budget|assoc_random|plot|all]" >&2
+  tasks|policies|lm_passkey|anchor|assoc_pilot|assoc_budget|assoc_random|assoc_random_seeds|plot) "$1" ;;
+  all) tasks; policies; lm_passkey; anchor; assoc_pilot; assoc_budget; assoc_random; assoc_random_seeds; plot ;;
+  *) echo "usage: $0 [tasks|policies|lm_passkey|anchor|assoc_pilot|assoc_budget|assoc_random|assoc_random_seeds|plot|all]" >&2
      exit 2 ;;
 esac
