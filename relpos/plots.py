@@ -389,6 +389,15 @@ def _log2_x(ax, train_length: int | list[int], label: str) -> None:
     ax.grid(alpha=0.3, which="both")
 
 
+def _legend_below(fig, ax, rows: int, per_row: int = 5) -> None:
+    """The schemes' legend (from ``ax``) under the figure, where it covers no curve;
+    ``rows``: the figure's rows of panels (the offset below them scales with its height)."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=min(per_row, len(labels)), fontsize=8,
+               bbox_to_anchor=(0.5, 0.0 - 0.01 / rows), title="scheme (seeds)",
+               title_fontsize=8)
+
+
 def _curve(g: dict, lab: str, relative: bool, train_length: int | None = None):
     """Lengths, mean, lo, hi over seeds of ``g[lab]`` (relative: each run divided by its
     own perplexity at the training length, or at the shortest length when the training
@@ -433,10 +442,7 @@ def plot_ppl_vs_length(results: list[dict], path: Path, title: str = "") -> None
             ax.set_title(f"{mode} windows" + (" (stride L/2)" if mode == "sliding" else "")
                          + (", relative to 1x" if relative else "")
                          + (" (each at its own L)" if relative and len(trained) > 1 else ""))
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=8,
-               bbox_to_anchor=(0.5, -0.02 - 0.025 * math.ceil(len(labels) / 5)),
-               title="scheme (seeds)", title_fontsize=8)
+    _legend_below(fig, axes[0][0], rows=2)
     fig.suptitle(title or "Perplexity vs evaluation length (mean over seeds; band: 95% "
                           "t interval over seeds, or one run's bootstrap interval)")
     fig.tight_layout()
@@ -483,8 +489,7 @@ def plot_position_loss(results: list[dict], path: Path) -> None:
     if excess:
         axes[0][1].axhline(0, color="0.4", lw=0.8)
         axes[0][1].set_title("Above 0: the longer context hurts (same tokens)")
-    axes[0][0].legend(fontsize=7, ncol=2, loc="upper right", title="scheme (seeds)",
-                      title_fontsize=7)
+    _legend_below(fig, axes[0][0], rows=1)
     fig.tight_layout()
     _save(fig, path)
 

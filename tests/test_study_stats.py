@@ -337,3 +337,30 @@ def test_every_variant_of_a_scheme_gets_its_own_line_and_marker():
     assert len(pairs) == len(labels)
     assert {kw["color"] for kw in kws} == {kws[0]["color"]}  # one colour per scheme
     assert kws[1]["marker"] == kws[0]["marker"]  # the first variants keep the scheme's marker
+
+
+@pytest.mark.parametrize("figure", ["ppl", "position"])
+def test_scheme_legend_sits_below_every_panel(monkeypatch, figure):
+    """The legend of the perplexity and loss-by-position figures covers no curve: it is
+    the figure's, and its box lies under the lowest panel."""
+    edges = [0, 1, 2, 4, 8, 16, 32, 64, 128]
+    def run(bias, seed):
+        ev = [{"mode": m, "length": n, "ppl": 5.0 + n / 64, "loss": 1.6, "windows": 4,
+               "position_bins": edges, "position_loss": [2.0 - 0.1 * k for k in range(8)],
+               "position_excess": [0.0] * 6 + [0.1, 0.2]}
+              for m in ("nonoverlap", "sliding") for n in (32, 64, 128)]
+        return {"label": bias, "bias": bias, "train_length": 32, "seed": seed, "eval": ev,
+                "dataset_fingerprint": "f"}
+    rs = [run(b, s) for b in ("alibi", "rope", "offset", "t5", "none", "fire", "xpos")
+          for s in (0, 1)]
+    figs = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figs.append(fig))
+    draw = plots.plot_ppl_vs_length if figure == "ppl" else plots.plot_position_loss
+    draw(rs, None)
+    fig, = figs
+    renderer = fig.canvas.get_renderer()
+    legend, = fig.legends
+    assert all(ax.get_legend() is None for ax in fig.axes)
+    assert len(legend.get_texts()) == 7
+    box = legend.get_window_extent(renderer)
+    assert box.y1 < min(ax.get_tightbbox(renderer).y0 for ax in fig.axes)
