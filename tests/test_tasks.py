@@ -6,6 +6,7 @@ to copy."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -28,7 +29,7 @@ from omegaconf import OmegaConf
 from relpos import evaluation, plots, tasks
 from relpos import runs as train_lib
 from relpos.config import build_model, load_saved_config
-from relpos.errors import RelposError
+from relpos.errors import RelposConfigError, RelposError
 from relpos.io import config_dir
 from relpos.tasks.passkey import QUESTION
 from relpos.training.loop import Preempted
@@ -59,9 +60,13 @@ def reverse_oracle(toks):
     return {sep + 1 + i: x for i, x in enumerate(reversed(toks[1:sep]))}
 
 
-def assoc_recall_oracle(toks):
+def assoc_recall_oracle(toks, gap_id=None):
     sep = toks.index(tasks.SEP)
     pairs = toks[1:sep]
+    if gap_id is not None:  # task.pairs: k pairs, then a gap of gap_id up to SEP
+        k = pairs.index(gap_id) if gap_id in pairs else len(pairs)
+        assert k == 2 * ASSOC_PAIRS and set(pairs[k:]) <= {gap_id}
+        pairs = pairs[:k]
     table = dict(zip(pairs[0::2], pairs[1::2]))
     assert len(table) == len(pairs) // 2  # distinct keys
     queries = toks[sep + 1::2]
@@ -98,6 +103,24 @@ def test_assoc_recall_random_queries_leave_nothing_to_eliminate():
     # the last query's key was asked before about as often as independence predicts
     seen = np.array([r[-1] in r[:-1] for r in ranks]).mean()
     assert abs(seen - (1 - (6 / 7) ** 6)) < 0.04  # 0.60
+
+
+def test_assoc_recall_fixed_pairs_puts_the_gap_between_list_and_queries():
+    """``task.pairs=k``: every instance holds k pairs whatever its length; the gap grows
+    with the length, so a test sequence at 8x asks for keys 8x farther away, not for 8x
+    as many; its token is one id past the values."""
+    task = tasks.build("assoc_recall", keys=64, pairs=4)
+    assert task.vocab_size == 3 + 64 + 16 + 1 and task.sizes(32) == (0, 15)
+    for length in (32, 256):
+        inst, = tasks.test_instances(task, length=length, examples=1)
+        toks = list(map(int, inst.tokens))
+        assert len(toks) == length + 1 and toks.index(tasks.SEP) == 1 + 8 + length - 17
+        keys = toks[1:9:2]
+        for q in np.flatnonzero(inst.answer) - 1:  # each query: its key's distance
+            assert q - (1 + 2 * keys.index(toks[q])) >= length - 17 + 2
+    assert tasks.build("assoc_recall").vocab_size == 3 + 512 + 16  # pairs=0: as before
+    with pytest.raises(RelposConfigError, match="task.pairs=9 needs as many distinct keys"):
+        tasks.build("assoc_recall", keys=8, pairs=9)
 
 
 def test_saved_assoc_run_without_queries_reads_as_each(tmp_path):
@@ -146,21 +169,29 @@ def passkey_oracle(toks):
     return {start + i: ord(c) for i, c in enumerate(m.group(1))}
 
 
+ASSOC_PAIRS = 3  # assoc_recall with a fixed number of pairs and a gap (task.pairs)
 ORACLES = {"copy": copy_oracle, "reverse": reverse_oracle,
            "assoc_recall": assoc_recall_oracle, "flipflop": flipflop_oracle,
            "selective_copy": selective_copy_oracle, "passkey": passkey_oracle}
+VARIANTS = {"assoc_recall (pairs)": ("assoc_recall", {"keys": 64, "pairs": ASSOC_PAIRS},
+                                     functools.partial(assoc_recall_oracle, gap_id=3 + 64 + 16))}
 
 
 def test_every_task_has_an_oracle():
     assert sorted(ORACLES) == tasks.available()
 
 
-@pytest.mark.parametrize("name", sorted(ORACLES))
+@pytest.mark.parametrize("name", sorted(ORACLES) + sorted(VARIANTS))
 def test_generator_answers_match_the_oracle(name):
     """Training batches (sizes uniform up to the length, padded, weights on the answers)
     and test instances (the largest size that fits) agree with the task's oracle at
     every answer position, and nothing else carries a weight."""
-    task, length = build(name), 128
+    if name in VARIANTS:
+        task_name, options, oracle = VARIANTS[name]
+        task = tasks.build(task_name, **options)
+    else:
+        task, oracle = build(name), ORACLES[name]
+    length = 128
     lo, hi = task.sizes(length)
     rows, sizes_seen = [], set()
     for step in range(40):
@@ -177,7 +208,7 @@ def test_generator_answers_match_the_oracle(name):
     for toks, w in rows:
         end = max(np.flatnonzero(w)) + 2  # the sequence ends with its last answer
         assert all(t == task.pad_id for t in toks[end:])
-        want = ORACLES[name](toks[:end])
+        want = oracle(toks[:end])
         assert sorted(want) == [int(i) + 1 for i in np.flatnonzero(w)]  # target t+1
         assert all(toks[p] == v for p, v in want.items())
         assert all(0 <= t < task.vocab_size for t in toks)
@@ -351,7 +382,7 @@ def test_task_run_resumes_bitwise_and_relpos_eval_reproduces_it(ws, monkeypatch)
     assert_trees_equal(restore_state(parts, 20), restore_state(whole, 20))
 
     assert (ref["task"], ref["task_options"]) == ("assoc_recall", {"keys": 64, "values": 16,
-                                                                  "queries": "random"})
+                                                                  "queries": "random", "pairs": 0})
     assert ref["dataset"] is None and "attention_far_mass" not in ref
     assert [(e["length"], e["mode"], e["examples"]) for e in ref["eval"]] == \
         [(16, "task", 50), (32, "task", 50)]

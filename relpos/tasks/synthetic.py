@@ -25,6 +25,13 @@ alone carry a loss and are scored):
   so a model can score well above chance by elimination without looking the key up;
   ``random`` leaves nothing to eliminate. Runs saved before the option existed read as
   ``each``, the format they were trained on.
+
+  ``pairs`` (default 0: as many as fit) fixes the number of pairs to k instead, and a
+  gap of blank tokens (id ``3 + keys + values``, one more id in the vocabulary) between
+  the list and ``SEP`` takes the rest of the length: ``BOS k1 v1 .. kk vk _ .. _ SEP q1
+  | a1 ..``. Size g (the gap, from 0); ``4k + g + 2`` tokens. Longer sequences then
+  put the keys farther from the queries without adding pairs, so distance is measured
+  apart from the list's size.
 * ``flipflop`` — flip-flop language modelling (Liu et al. 2023): ``BOS`` then n pairs
   ``(instruction, bit)`` with instruction ``w`` (write, id 2), ``r`` (read, 3) or ``i``
   (ignore, 4) and bit ``0``/``1`` (ids 5, 6); ``i`` with probability ``ignore_prob``
@@ -97,22 +104,30 @@ class Reverse(_Symbols):
 class AssocRecall(Task):
     QUERIES = ("random", "each")
 
-    def __init__(self, keys: int = 512, values: int = 16, queries: str = "random"):
+    def __init__(self, keys: int = 512, values: int = 16, queries: str = "random",
+                 pairs: int = 0):
         self.keys = check_positive_int("task.keys", keys)
         self.values = check_positive_int("task.values", values, minimum=2)
         if queries not in self.QUERIES:
             raise RelposConfigError(f"task.queries must be one of {', '.join(self.QUERIES)}, "
                                     f"got {queries!r}")
         self.queries = queries
-        self.vocab_size = 3 + self.keys + self.values
+        self.pairs = check_positive_int("task.pairs", pairs, minimum=0)
+        if self.pairs > self.keys:
+            raise RelposConfigError(f"task.pairs={pairs} needs as many distinct keys; set "
+                                    f"task.keys>={pairs}")
+        self.gap_id = 3 + self.keys + self.values  # the gap's token (pairs > 0 only)
+        self.vocab_size = self.gap_id + (1 if self.pairs else 0)
         self.chance = 1.0 / self.values
 
     def sizes(self, length: int) -> tuple[int, int]:
+        if self.pairs:  # the gap: 4k + g + 2 <= length + 1
+            return 0, length - 1 - 4 * self.pairs
         return 1, (length - 1) // 4  # 4n + 2 <= length + 1
 
     def check_length(self, length: int, what: str = "length") -> tuple[int, int]:
         lo, hi = super().check_length(length, what)
-        if hi > self.keys:  # keys are distinct within a sequence
+        if not self.pairs and hi > self.keys:  # keys are distinct within a sequence
             raise RelposError(
                 f"task=assoc_recall at {what} {length} holds {hi} key-value pairs, more than "
                 f"task.keys={self.keys} distinct keys; set task.keys>={hi} or test shorter "
@@ -120,18 +135,18 @@ class AssocRecall(Task):
         return lo, hi
 
     def make(self, rng, size, source=None) -> Instance:
-        if size > self.keys:
-            raise RelposError(f"task=assoc_recall: {size} pairs need task.keys>={size}")
-        keys = 3 + rng.choice(self.keys, size=size, replace=False)
-        values = 3 + self.keys + rng.integers(0, self.values, size=size)
-        order = (rng.permutation(size) if self.queries == "each"
-                 else rng.integers(0, size, size=size))
+        n, gap = (self.pairs, size) if self.pairs else (size, 0)
+        if n > self.keys:
+            raise RelposError(f"task=assoc_recall: {n} pairs need task.keys>={n}")
+        keys = 3 + rng.choice(self.keys, size=n, replace=False)
+        values = 3 + self.keys + rng.integers(0, self.values, size=n)
+        order = rng.permutation(n) if self.queries == "each" else rng.integers(0, n, size=n)
         pairs = np.stack([keys, values], 1).reshape(-1)
-        tokens = np.concatenate([[BOS], pairs, [SEP], np.stack([keys[order], values[order]], 1)
-                                 .reshape(-1)]).astype(np.int32)
+        tokens = np.concatenate([[BOS], pairs, np.full(gap, self.gap_id), [SEP],
+                                 np.stack([keys[order], values[order]], 1).reshape(-1)])
         answer = np.zeros(len(tokens), bool)
-        answer[2 * size + 3::2] = True  # the value after each query
-        return Instance(tokens, answer)
+        answer[2 * n + gap + 3::2] = True  # the value after each query
+        return Instance(tokens.astype(np.int32), answer)
 
 
 @register("flipflop")
