@@ -22,6 +22,7 @@ from relpos import runs
 from relpos import tasks as tasks_lib
 from relpos.evaluation import ratio_ci
 from relpos.evaluation.tasks import make_argmax_fn
+from relpos.plots import seed_interval
 
 EXAMPLES = 500
 
@@ -48,19 +49,43 @@ def lookup_table(run_dir: Path, policy: str | None = None) -> tuple[str, list[tu
         insts = tasks_lib.test_instances(task, length=k * L, examples=EXAMPLES, start=0)
         tokens, weights = tasks_lib.pack(insts, k * L, task.pad_id)
         ok = np.asarray(argmax(state, tokens[:, :-1])) == tokens[:, 1:]
-        first, repeat = split_answers(tokens, weights, ok)
-        rows.append((k, k * L, *(summary(x) for x in (first, repeat))))
+        rows.append((k, k * L, *split_answers(tokens, weights, ok)))
     m = tcfg.model
     label = runs.default_label(tcfg.bias.name, tcfg.optim) + (f" ({policy})" if policy else "")
+    pairs = f"{task.pairs} pairs and a gap" if task.pairs else f"{task.keys} keys"
     what = (f"{label}, seed {tcfg.seed}: width "
-            f"{m.d_model}, {m.num_layers} layers, {step} steps, {task.keys} keys, trained at {L}")
-    return what, rows
+            f"{m.d_model}, {m.num_layers} layers, {step} steps, {pairs}, trained at {L}")
+    return label, what, rows
+
+
+def share(counts: np.ndarray) -> float:
+    return counts[:, 0].sum() / counts[:, 1].sum()
 
 
 def summary(counts: np.ndarray) -> str:
     hit, n = counts[:, 0], counts[:, 1]
     lo, hi = ratio_ci(hit, n)
-    return f"{hit.sum() / n.sum():.3f} [{lo:.3f}, {hi:.3f}] ({int(n.sum())})"
+    return f"{share(counts):.3f} [{lo:.3f}, {hi:.3f}] ({int(n.sum())})"
+
+
+def seed_table(tables: list[tuple]) -> list[str]:
+    """First-time lookups per scheme over its seeds: mean [95% t interval over seeds,
+    ddof=1, clipped to [0, 1]] (n seeds); one seed: its value alone."""
+    by_label: dict[str, list] = {}
+    for label, _, rows in tables:
+        by_label.setdefault(label, []).append({n: share(first) for _, n, first, _ in rows})
+    lengths = sorted({n for runs_ in by_label.values() for r in runs_ for n in r})
+    out = ["| scheme (seeds) | " + " | ".join(str(n) for n in lengths) + " |",
+           "|---|" + "---|" * len(lengths)]
+    for label, runs_ in by_label.items():
+        cells = []
+        for n in lengths:
+            vals = [r[n] for r in runs_ if n in r]
+            m, lo, hi = seed_interval(vals)
+            cells.append(f"{m:.3f}" if len(vals) == 1
+                         else f"{m:.3f} [{max(lo, 0):.3f}, {min(hi, 1):.3f}]")
+        out.append(f"| {label} ({len(runs_)}) | " + " | ".join(cells) + " |")
+    return out
 
 
 def main(args: list[str]) -> None:
@@ -71,13 +96,15 @@ def main(args: list[str]) -> None:
     print(f"assoc_recall answers split by whether the query's key was asked before "
           f"({EXAMPLES} test sequences per length; experiments/length_tasks/assoc_lookup.py). "
           f"Correct share [95% bootstrap over sequences] (answers). Chance: 1/values.\n")
-    for p in paths:
-        what, rows = lookup_table(Path(p), policy)
+    tables = [lookup_table(Path(p), policy) for p in paths]
+    print("First-time lookups over seeds (mean [95% t interval over seeds]), by test length:\n")
+    print("\n".join(seed_table(tables)) + "\n")
+    for _, what, rows in tables:
         print(f"### {what}\n")
         print("| x train | length | first time asked (lookup) | asked before (copy possible) |")
         print("|---|---|---|---|")
         for k, n, first, repeat in rows:
-            print(f"| {k} | {n} | {first} | {repeat} |")
+            print(f"| {k} | {n} | {summary(first)} | {summary(repeat)} |")
         print()
 
 
