@@ -65,7 +65,7 @@ def assoc_recall_oracle(toks, gap_id=None):
     pairs = toks[1:sep]
     if gap_id is not None:  # task.pairs: k pairs, then a gap of gap_id up to SEP
         k = pairs.index(gap_id) if gap_id in pairs else len(pairs)
-        assert k == 2 * ASSOC_PAIRS and set(pairs[k:]) <= {gap_id}
+        assert 2 <= k <= 2 * ASSOC_PAIRS and set(pairs[k:]) <= {gap_id}
         pairs = pairs[:k]
     table = dict(zip(pairs[0::2], pairs[1::2]))
     assert len(table) == len(pairs) // 2  # distinct keys
@@ -105,19 +105,24 @@ def test_assoc_recall_random_queries_leave_nothing_to_eliminate():
     assert abs(seen - (1 - (6 / 7) ** 6)) < 0.04  # 0.60
 
 
-def test_assoc_recall_fixed_pairs_puts_the_gap_between_list_and_queries():
-    """``task.pairs=k``: every instance holds k pairs whatever its length; the gap grows
-    with the length, so a test sequence at 8x asks for keys 8x farther away, not for 8x
-    as many; its token is one id past the values."""
+def test_assoc_recall_bounded_pairs_puts_the_gap_between_list_and_queries():
+    """``task.pairs=k``: an instance holds 1..k pairs (uniform) at every length; the gap
+    grows with the length, so a test sequence at 8x asks for keys about 8x farther away
+    with the same mix of list sizes, not with 8x as many pairs; the gap's token is one id
+    past the values."""
     task = tasks.build("assoc_recall", keys=64, pairs=4)
     assert task.vocab_size == 3 + 64 + 16 + 1 and task.sizes(32) == (0, 15)
     for length in (32, 256):
-        inst, = tasks.test_instances(task, length=length, examples=1)
-        toks = list(map(int, inst.tokens))
-        assert len(toks) == length + 1 and toks.index(tasks.SEP) == 1 + 8 + length - 17
-        keys = toks[1:9:2]
-        for q in np.flatnonzero(inst.answer) - 1:  # each query: its key's distance
-            assert q - (1 + 2 * keys.index(toks[q])) >= length - 17 + 2
+        counts = np.zeros(5)
+        for inst in tasks.test_instances(task, length=length, examples=400):
+            toks = list(map(int, inst.tokens))
+            n = (len(toks) - (length - 17) - 2) // 4  # every test gap is the largest
+            counts[n] += 1
+            assert toks[1 + 2 * n:toks.index(tasks.SEP)] == [task.gap_id] * (length - 17)
+            keys = toks[1:1 + 2 * n:2]
+            for q in np.flatnonzero(inst.answer) - 1:  # each query: its key's distance
+                assert q - (1 + 2 * keys.index(toks[q])) >= length - 17 + 2
+        assert counts[0] == 0 and counts[1:].min() > 70  # 1..4 pairs, 100 each expected
     assert tasks.build("assoc_recall").vocab_size == 3 + 512 + 16  # pairs=0: as before
     with pytest.raises(RelposConfigError, match="task.pairs=9 needs as many distinct keys"):
         tasks.build("assoc_recall", keys=8, pairs=9)

@@ -5,7 +5,8 @@
 # schemes, seed 0); Ruoss et al. (2023)'s reverse string as an anchor; an assoc_recall
 # pilot with fewer keys and more steps.
 #   experiments/length_tasks/run_study.sh [tasks|policies|lm_passkey|anchor|assoc_pilot|
-#                                          assoc_budget|assoc_random|assoc_random_seeds|plot|all]
+#                                          assoc_budget|assoc_random|assoc_random_seeds|
+#                                          content_tasks|plot|all]
 # Runs go to $HERE/runs/ (ignored by git); figures/ and results/ are committed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -103,6 +104,14 @@ assoc_random_seeds() {  # the rest of the 8,000-step grid (every scheme x seeds 
   relpos-train -m "${R[@]}" bias=t5,offset,none,$rest seed=1
   relpos-train -m "${R[@]}" bias=t5,offset,none,$rest seed=2
 }
+content_tasks() {  # the schemes that read the content (CoPE, DAPE, FoX, stick-breaking,
+  # SSMax, Hard-ALiBi) x 3 seeds on copy and passkey, in the tasks setting
+  local CONTENT=fox,ssmax,hard_alibi,dape,cope,stickbreaking
+  relpos-train -m task=copy bias=$CONTENT train.length=32 train.steps=1200 \
+    train.checkpoint_every=1200 "${COMMON[@]}" hydra.sweep.dir=$HERE/runs/copy_content
+  relpos-train -m task=passkey bias=$CONTENT train.length=128 train.steps=1000 \
+    train.checkpoint_every=1000 "${COMMON[@]}" hydra.sweep.dir=$HERE/runs/passkey_content
+}
 plot() {  # tasks and LMs apart: each figure's panels share one training length
   # one corpus per results file: copy and assoc_recall read none, passkey's filler is the corpus
   relpos-plot "inputs=[$HERE/runs/copy,$HERE/runs/assoc_recall]" \
@@ -111,6 +120,12 @@ plot() {  # tasks and LMs apart: each figure's panels share one training length
   relpos-plot "inputs=[$HERE/runs/passkey]" out_dir=$HERE/figures/passkey \
     merge_to=$HERE/results/passkey.json \
     "title=Passkey retrieval (corpus filler 159a1f4ae3bfb9ca), trained at 128: 12 schemes x 3 seeds"
+  relpos-plot "inputs=[$HERE/runs/copy_content,$HERE/runs/copy/bias=alibi*,$HERE/runs/copy/bias=rope*,$HERE/runs/copy/bias=none*]" \
+    out_dir=$HERE/figures/content_copy merge_to=$HERE/results/content_copy.json \
+    "title=Copy (no corpus), trained at 32: the content-reading schemes beside alibi, rope, none (3 seeds)"
+  relpos-plot "inputs=[$HERE/runs/passkey_content,$HERE/runs/passkey/bias=alibi*,$HERE/runs/passkey/bias=rope*,$HERE/runs/passkey/bias=none*]" \
+    out_dir=$HERE/figures/content_passkey merge_to=$HERE/results/content_passkey.json \
+    "title=Passkey (corpus filler 159a1f4ae3bfb9ca), trained at 128: content-reading schemes beside alibi, rope, none (3 seeds)"
   relpos-plot "inputs=[$HERE/runs/lm]" out_dir=$HERE/figures/lm_passkey \
     merge_to=$HERE/results/lm_passkey.json "title=Passkey retrieval by LMs trained at 64"
   relpos-plot "inputs=[$HERE/runs/assoc_pilot]" out_dir=$HERE/figures/assoc_pilot \
@@ -133,8 +148,8 @@ plot() {  # tasks and LMs apart: each figure's panels share one training length
     $HERE/runs/assoc_shape/*/ > $HERE/results/assoc_by_query.md
 }
 case "${1:-all}" in
-  tasks|policies|lm_passkey|anchor|assoc_pilot|assoc_budget|assoc_random|assoc_random_seeds|plot) "$1" ;;
-  all) tasks; policies; lm_passkey; anchor; assoc_pilot; assoc_budget; assoc_random; assoc_random_seeds; plot ;;
-  *) echo "usage: $0 [tasks|policies|lm_passkey|anchor|assoc_pilot|assoc_budget|assoc_random|assoc_random_seeds|plot|all]" >&2
+  tasks|policies|lm_passkey|anchor|assoc_pilot|assoc_budget|assoc_random|assoc_random_seeds|content_tasks|plot) "$1" ;;
+  all) tasks; policies; lm_passkey; anchor; assoc_pilot; assoc_budget; assoc_random; assoc_random_seeds; content_tasks; plot ;;
+  *) echo "usage: $0 [tasks|policies|lm_passkey|anchor|assoc_pilot|assoc_budget|assoc_random|assoc_random_seeds|content_tasks|plot|all]" >&2
      exit 2 ;;
 esac

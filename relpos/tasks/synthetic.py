@@ -26,12 +26,13 @@ alone carry a loss and are scored):
   ``random`` leaves nothing to eliminate. Runs saved before the option existed read as
   ``each``, the format they were trained on.
 
-  ``pairs`` (default 0: as many as fit) fixes the number of pairs to k instead, and a
-  gap of blank tokens (id ``3 + keys + values``, one more id in the vocabulary) between
-  the list and ``SEP`` takes the rest of the length: ``BOS k1 v1 .. kk vk _ .. _ SEP q1
-  | a1 ..``. Size g (the gap, from 0); ``4k + g + 2`` tokens. Longer sequences then
-  put the keys farther from the queries without adding pairs, so distance is measured
-  apart from the list's size.
+  ``pairs`` (default 0: as many as fit) bounds the number of pairs by k instead: each
+  instance holds n pairs, n uniform over 1..k at every length, then a gap of g blank
+  tokens (id ``3 + keys + values``, one more id in the vocabulary) before ``SEP``:
+  ``BOS k1 v1 .. kn vn _ .. _ SEP q1 | a1 ..``. Size g (the gap, from 0, up to what k
+  pairs leave of the length); ``4n + g + 2`` tokens. Longer test sequences then put the
+  keys farther from the queries with the same mix of list sizes, so distance is
+  measured apart from the number of pairs.
 * ``flipflop`` — flip-flop language modelling (Liu et al. 2023): ``BOS`` then n pairs
   ``(instruction, bit)`` with instruction ``w`` (write, id 2), ``r`` (read, 3) or ``i``
   (ignore, 4) and bit ``0``/``1`` (ids 5, 6); ``i`` with probability ``ignore_prob``
@@ -135,7 +136,7 @@ class AssocRecall(Task):
         return lo, hi
 
     def make(self, rng, size, source=None) -> Instance:
-        n, gap = (self.pairs, size) if self.pairs else (size, 0)
+        n, gap = (int(rng.integers(1, self.pairs + 1)), size) if self.pairs else (size, 0)
         if n > self.keys:
             raise RelposError(f"task=assoc_recall: {n} pairs need task.keys>={n}")
         keys = 3 + rng.choice(self.keys, size=n, replace=False)
