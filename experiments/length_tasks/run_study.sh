@@ -148,7 +148,7 @@ plot() {  # tasks and LMs apart: each figure's panels share one training length
     "title=assoc_recall, random queries, 64 keys, 3,000 steps, trained at 32 (seed 0)"
   relpos-plot "inputs=[$HERE/runs/assoc_random_long]" out_dir=$HERE/figures/assoc_random_long \
     merge_to=$HERE/results/assoc_random_long.json \
-    "title=assoc_recall, random queries, 64 keys, 8,000 steps, trained at 32 (seed 0)"
+    "title=assoc_recall, random queries, 64 keys, 8,000 steps, trained at 32 (seeds in the legend)"
   python $HERE/assoc_lookup.py $HERE/runs/assoc_random_long/*/ > $HERE/results/assoc_lookup.md
   python $HERE/assoc_lookup.py --policy=mask $HERE/runs/assoc_random_long/bias=offset,*/ \
     | tail -n +3 >> $HERE/results/assoc_lookup.md  # the same table with no attention beyond L
