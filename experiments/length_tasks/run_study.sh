@@ -6,7 +6,7 @@
 # pilot with fewer keys and more steps.
 #   experiments/length_tasks/run_study.sh [tasks|policies|lm_passkey|anchor|assoc_pilot|
 #                                          assoc_budget|assoc_random|assoc_random_seeds|
-#                                          content_tasks|assoc_pairs|plot|all]
+#                                          content_tasks|assoc_pairs|assoc_lr|plot|all]
 # Runs go to $HERE/runs/ (ignored by git); figures/ and results/ are committed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -119,6 +119,13 @@ assoc_pairs() {  # assoc_recall with 1..4 pairs at every length and a gap before
     model.num_layers=2 model.num_heads=4 eval.progress=false train.steps=8000 \
     train.checkpoint_every=4000 bias=alibi,kerple_log seed=0 hydra.sweep.dir=$HERE/runs/assoc_pairs
 }
+assoc_lr() {  # is RoPE's plateau the scheme or the budget? RoPE at lr 3e-3 (3x), 8,000 steps
+  relpos-train -m task=assoc_recall task.keys=64 task.queries=random \
+    "eval.task_multiples=[1,2,4,8]" train.length=32 train.batch_size=128 train.log_every=250 \
+    train.progress=false optim.lr=3e-3 optim.warmup_steps=200 model.d_model=64 \
+    model.num_layers=2 model.num_heads=4 eval.progress=false train.steps=8000 \
+    train.checkpoint_every=4000 bias=rope seed=0 hydra.sweep.dir=$HERE/runs/assoc_random_lr
+}
 plot() {  # tasks and LMs apart: each figure's panels share one training length
   # one corpus per results file: copy and assoc_recall read none, passkey's filler is the corpus
   relpos-plot "inputs=[$HERE/runs/copy,$HERE/runs/assoc_recall]" \
@@ -134,6 +141,7 @@ plot() {  # tasks and LMs apart: each figure's panels share one training length
     merge_to=$HERE/results/assoc_pairs.json \
     "title=assoc_recall, 1..4 pairs and a gap (task.pairs=4), 8,000 steps, trained at 32 (seed 0)"
   python $HERE/assoc_lookup.py $HERE/runs/assoc_pairs/*/ > $HERE/results/assoc_pairs_lookup.md
+  python $HERE/assoc_lookup.py $HERE/runs/assoc_random_lr/*/ > $HERE/results/assoc_lr_lookup.md
   relpos-plot "inputs=[$HERE/runs/lm]" out_dir=$HERE/figures/lm_passkey \
     merge_to=$HERE/results/lm_passkey.json "title=Passkey retrieval by LMs trained at 64"
   relpos-plot "inputs=[$HERE/runs/assoc_pilot]" out_dir=$HERE/figures/assoc_pilot \
@@ -156,8 +164,8 @@ plot() {  # tasks and LMs apart: each figure's panels share one training length
     $HERE/runs/assoc_shape/*/ > $HERE/results/assoc_by_query.md
 }
 case "${1:-all}" in
-  tasks|policies|lm_passkey|anchor|assoc_pilot|assoc_budget|assoc_random|assoc_random_seeds|content_tasks|assoc_pairs|plot) "$1" ;;
-  all) tasks; policies; lm_passkey; anchor; assoc_pilot; assoc_budget; assoc_random; assoc_random_seeds; content_tasks; assoc_pairs; plot ;;
-  *) echo "usage: $0 [tasks|policies|lm_passkey|anchor|assoc_pilot|assoc_budget|assoc_random|assoc_random_seeds|content_tasks|assoc_pairs|plot|all]" >&2
+  tasks|policies|lm_passkey|anchor|assoc_pilot|assoc_budget|assoc_random|assoc_random_seeds|content_tasks|assoc_pairs|assoc_lr|plot) "$1" ;;
+  all) tasks; policies; lm_passkey; anchor; assoc_pilot; assoc_budget; assoc_random; assoc_random_seeds; content_tasks; assoc_pairs; assoc_lr; plot ;;
+  *) echo "usage: $0 [tasks|policies|lm_passkey|anchor|assoc_pilot|assoc_budget|assoc_random|assoc_random_seeds|content_tasks|assoc_pairs|assoc_lr|plot|all]" >&2
      exit 2 ;;
 esac
