@@ -670,6 +670,15 @@ def _accuracy_curve(seeds: dict[int, list], single_ci: dict[int, list]):
     return Ls, s[:, 0], s[:, 1], s[:, 2]
 
 
+def _same_note(label: str, exact: dict[str, str], token: dict[str, str]) -> str:
+    """The legend note of a curve that another hides: the same in both rows of the
+    accuracy figure, or named per row."""
+    a, b = exact.get(label, ""), token.get(label, "")
+    if a == b:
+        return a
+    return "".join(f" ({what}{note})" for what, note in (("exact", a), ("per token", b)) if note)
+
+
 def plot_accuracy_vs_length(results: list[dict], path: Path, title: str = "") -> bool:
     """Exact-match (top) and per-token (bottom) accuracy vs evaluation length, one column
     per task (and one for passkey retrieval by LMs): mean over seeds, band = 95% t
@@ -687,33 +696,41 @@ def plot_accuracy_vs_length(results: list[dict], path: Path, title: str = "") ->
         for e in r["eval"]:
             if "chance" in e:
                 chance[_panel_of(e)] = e["chance"]
+    notes = []  # per column: the hidden-curve notes of each row
     for col, panel in enumerate(names):
         train_length = _panel_train_length(results, panel)
+        drawn = []
         for row, (field, ci_field, ylabel) in enumerate(rows):
             g, cis = accuracy_panels(results, field)[panel], accuracy_panels(results, ci_field)
             ax, labels = axes[row][col], _order(g)
             curves = {lab: _accuracy_curve(g[lab], cis.get(panel, {}).get(lab, {}))
                       for lab in labels}
-            same = coinciding({lab: c[:2] for lab, c in curves.items()}, tol=0.005)
+            drawn.append(coinciding({lab: c[:2] for lab, c in curves.items()}, tol=0.005))
             for k, lab in enumerate(labels):
                 Ls, mean, lo, hi = curves[lab]
                 kw = style(lab, labels)
                 n = max(len(v) for v in g[lab].values())
-                ax.plot(Ls, mean, label=f"{lab} ({n}){same.get(lab, '')}",
-                        **stacked(k, len(labels), 4, 1.4), **kw)
+                ax.plot(Ls, mean, label=f"{lab} ({n})", **stacked(k, len(labels), 4, 1.4), **kw)
                 ax.fill_between(Ls, lo, hi, color=kw["color"], alpha=0.15, lw=0)
             if row == 1 and panel in chance:
                 ax.axhline(chance[panel], color="0.4", ls=":", lw=1, label="chance per token")
-                ax.legend(fontsize=7, loc="best")
             _log2_x(ax, train_length, "evaluation length (tokens); dashed: training length")
             ax.set_ylim(-0.02, 1.02)
             ax.set_ylabel(ylabel)
             ax.set_title(panel if row == 0 else "")
-        axes[0][col].legend(fontsize=7, loc="best", title="scheme (seeds)", title_fontsize=7)
+        notes.append(drawn)
     fig.suptitle(title or "Task accuracy vs evaluation length\n(mean over seeds; band: 95% t "
                           "interval over seeds,\nor one run's Wilson / bootstrap interval)",
                  fontsize=10)
     fig.tight_layout()
+    renderer = fig.canvas.get_renderer()
+    for col, drawn in enumerate(notes):  # a legend under each column, below its x label
+        ax = axes[1][col]
+        handles, labels = ax.get_legend_handles_labels()
+        labels = [lab + _same_note(lab.rsplit(" (", 1)[0], *drawn) for lab in labels]
+        below = ax.transAxes.inverted().transform((0, ax.get_tightbbox(renderer).y0))[1]
+        ax.legend(handles, labels, fontsize=7, ncol=2, loc="upper center",
+                  bbox_to_anchor=(0.5, below - 0.02), title="scheme (seeds)", title_fontsize=7)
     _save(fig, path)
     return True
 

@@ -364,3 +364,30 @@ def test_scheme_legend_sits_below_every_panel(monkeypatch, figure):
     assert len(legend.get_texts()) == 7
     box = legend.get_window_extent(renderer)
     assert box.y1 < min(ax.get_tightbbox(renderer).y0 for ax in fig.axes)
+
+
+def test_accuracy_legend_sits_under_each_column_and_names_hidden_curves(monkeypatch):
+    """Each task column's legend lies under its lower panel; a curve hidden by another
+    is named in it, per row when only one row hides it."""
+    def run(bias, seed, acc, tok):
+        ev = [{"mode": "task", "task": "copy", "length": n, "accuracy": a, "token_accuracy": t,
+               "accuracy_ci": [0, 1], "token_accuracy_ci": [0, 1], "examples": 500,
+               "chance": 0.0625} for n, a, t in zip((32, 64, 128), acc, tok)]
+        return {"label": bias, "bias": bias, "train_length": 32, "seed": seed, "eval": ev,
+                "task": "copy"}
+    rs = [run("alibi", 0, [1, 0.5, 0.1], [1, 0.8, 0.4]),
+          run("rope", 0, [1, 0.5, 0.1], [1, 0.3, 0.1]),  # alibi = rope in exact match only
+          run("none", 0, [0, 0, 0], [0.1, 0.1, 0.1])]
+    figs = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figs.append(fig))
+    assert plots.plot_accuracy_vs_length(rs, None)
+    fig, = figs
+    renderer = fig.canvas.get_renderer()
+    top, bottom = fig.axes
+    legend = bottom.get_legend()
+    assert top.get_legend() is None and legend is not None
+    texts = [t.get_text() for t in legend.get_texts()]
+    assert texts == ["none (1)", "rope (1)", "alibi (1) (exact = rope)", "chance per token"]
+    # under the panel and its x label (the axes' tight box would include the legend)
+    assert legend.get_window_extent(renderer).y1 < bottom.xaxis.label.get_window_extent(renderer).y0
+    assert plots._same_note("rope", {"rope": " = alibi"}, {"rope": " = alibi"}) == " = alibi"
