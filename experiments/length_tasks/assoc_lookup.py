@@ -7,7 +7,9 @@ stands right after the first query, so a model can get it right by
 copying instead of finding the key in the list. This splits each run's answers (500 test
 sequences at each of its test lengths, the same as its results.json) into queries whose
 key is asked for the first time, which only a lookup in the key-value list answers, and
-repeated ones. Intervals: 95% percentile bootstrap over test sequences. ``--policy=P``
+repeated ones, beside what answering the list's most frequent value scores on the
+first-time queries of the same sequences (no lookup: the plateau of runs that did not
+learn it). Intervals: 95% percentile bootstrap over test sequences. ``--policy=P``
 re-evaluates the runs with ``bias.policy=P`` (the offset table's ``mask``: no attention
 to keys at offsets >= L), as relpos-eval's ``+bias_overrides.policy=P`` does.
 """
@@ -40,6 +42,21 @@ def split_answers(tokens: np.ndarray, weights: np.ndarray, ok: np.ndarray):
     return first, repeat
 
 
+def frequent_value_guess(tokens: np.ndarray, weights: np.ndarray, gap_id: int) -> np.ndarray:
+    """The expected correctness of answering every query with the value most frequent in
+    the sequence's list (ties split evenly), at each answer: what a model scores without
+    any lookup, the plateau the runs that did not learn sit on."""
+    ok = np.zeros(weights.shape)
+    for b in range(len(tokens)):
+        row = list(map(int, tokens[b]))
+        listed = [t for t in row[1:row.index(tasks_lib.SEP)] if t != gap_id]
+        values, counts = np.unique(listed[1::2], return_counts=True)
+        best = values[counts == counts.max()]
+        for a in np.flatnonzero(weights[b]):
+            ok[b, a] = np.mean(best == row[a + 1])
+    return ok
+
+
 def lookup_table(run_dir: Path, policy: str | None = None) -> tuple[str, list[tuple]]:
     tcfg, task, step, gd, state = restore_assoc_run(run_dir,
                                                     {"policy": policy} if policy else None)
@@ -49,7 +66,9 @@ def lookup_table(run_dir: Path, policy: str | None = None) -> tuple[str, list[tu
         insts = tasks_lib.test_instances(task, length=k * L, examples=EXAMPLES, start=0)
         tokens, weights = tasks_lib.pack(insts, k * L, task.pad_id)
         ok = np.asarray(argmax(state, tokens[:, :-1])) == tokens[:, 1:]
-        rows.append((k, k * L, *split_answers(tokens, weights, ok)))
+        guess = frequent_value_guess(tokens, weights, task.gap_id)
+        rows.append((k, k * L, *split_answers(tokens, weights, ok),
+                     split_answers(tokens, weights, guess)[0]))
     m = tcfg.model
     label = runs.default_label(tcfg.bias.name, tcfg.optim) + (f" ({policy})" if policy else "")
     pairs = f"{task.pairs} pairs and a gap" if task.pairs else f"{task.keys} keys"
@@ -73,7 +92,10 @@ def seed_table(tables: list[tuple]) -> list[str]:
     ddof=1, clipped to [0, 1]] (n seeds); one seed: its value alone."""
     by_label: dict[str, list] = {}
     for label, _, rows in tables:
-        by_label.setdefault(label, []).append({n: share(first) for _, n, first, _ in rows})
+        by_label.setdefault(label, []).append({n: share(first) for _, n, first, *_ in rows})
+    # the guess is the same for every run of one task setting (the same test sequences)
+    by_label["the list's most frequent value (no lookup)"] = [
+        {n: share(guess) for _, n, *_, guess in tables[0][2]}]
     lengths = sorted({n for runs_ in by_label.values() for r in runs_ for n in r})
     out = ["| scheme (seeds) | " + " | ".join(str(n) for n in lengths) + " |",
            "|---|" + "---|" * len(lengths)]
@@ -84,7 +106,8 @@ def seed_table(tables: list[tuple]) -> list[str]:
             m, lo, hi = seed_interval(vals)
             cells.append(f"{m:.3f}" if len(vals) == 1
                          else f"{m:.3f} [{max(lo, 0):.3f}, {min(hi, 1):.3f}]")
-        out.append(f"| {label} ({len(runs_)}) | " + " | ".join(cells) + " |")
+        seeds = "" if label.endswith("(no lookup)") else f" ({len(runs_)})"
+        out.append(f"| {label}{seeds} | " + " | ".join(cells) + " |")
     return out
 
 
@@ -101,10 +124,11 @@ def main(args: list[str]) -> None:
     print("\n".join(seed_table(tables)) + "\n")
     for _, what, rows in tables:
         print(f"### {what}\n")
-        print("| x train | length | first time asked (lookup) | asked before (copy possible) |")
-        print("|---|---|---|---|")
-        for k, n, first, repeat in rows:
-            print(f"| {k} | {n} | {summary(first)} | {summary(repeat)} |")
+        print("| x train | length | first time asked (lookup) | asked before (copy possible) "
+              "| first time, most frequent value |")
+        print("|---|---|---|---|---|")
+        for k, n, first, repeat, guess in rows:
+            print(f"| {k} | {n} | {summary(first)} | {summary(repeat)} | {share(guess):.3f} |")
         print()
 
 
