@@ -118,6 +118,16 @@ assoc_pairs() {  # assoc_recall with 1..4 pairs at every length and a gap before
     train.progress=false optim.lr=1e-3 optim.warmup_steps=200 model.d_model=64 \
     model.num_layers=2 model.num_heads=4 eval.progress=false train.steps=8000 \
     train.checkpoint_every=4000 bias=alibi,kerple_log seed=0 hydra.sweep.dir=$HERE/runs/assoc_pairs
+  assoc_pairs_more
+}
+assoc_pairs_more() {  # then alibi's seed 1, and rope and sandwich
+  local A=(task=assoc_recall task.keys=64 task.pairs=4 task.queries=random
+           "eval.task_multiples=[1,2,4,8]" train.length=32 train.batch_size=128
+           train.log_every=250 train.progress=false optim.lr=1e-3 optim.warmup_steps=200
+           model.d_model=64 model.num_layers=2 model.num_heads=4 eval.progress=false
+           train.steps=8000 train.checkpoint_every=4000 hydra.sweep.dir=$HERE/runs/assoc_pairs)
+  relpos-train -m "${A[@]}" bias=alibi seed=1
+  relpos-train -m "${A[@]}" bias=rope,sandwich seed=0
 }
 assoc_lr() {  # is RoPE's plateau the scheme or the budget? RoPE at lr 3e-3 (3x), 8,000 steps
   relpos-train -m task=assoc_recall task.keys=64 task.queries=random \
@@ -164,7 +174,7 @@ plot() {  # tasks and LMs apart: each figure's panels share one training length
     $HERE/runs/assoc_shape/*/ > $HERE/results/assoc_by_query.md
 }
 case "${1:-all}" in
-  tasks|policies|lm_passkey|anchor|assoc_pilot|assoc_budget|assoc_random|assoc_random_seeds|content_tasks|assoc_pairs|assoc_lr|plot) "$1" ;;
+  tasks|policies|lm_passkey|anchor|assoc_pilot|assoc_budget|assoc_random|assoc_random_seeds|content_tasks|assoc_pairs|assoc_pairs_more|assoc_lr|plot) "$1" ;;
   all) tasks; policies; lm_passkey; anchor; assoc_pilot; assoc_budget; assoc_random; assoc_random_seeds; content_tasks; assoc_pairs; assoc_lr; plot ;;
   *) echo "usage: $0 [tasks|policies|lm_passkey|anchor|assoc_pilot|assoc_budget|assoc_random|assoc_random_seeds|content_tasks|assoc_pairs|assoc_lr|plot|all]" >&2
      exit 2 ;;
