@@ -1,6 +1,6 @@
 """assoc_recall with random queries: is the answer looked up, or copied from an earlier query?
 
-    python experiments/length_tasks/assoc_lookup.py [--policy=mask] RUN_DIR [RUN_DIR ...] > results/assoc_lookup.md
+    python experiments/length_tasks/assoc_lookup.py [--policy=mask] [--previous=FILE] RUN_DIR [RUN_DIR ...] > results/assoc_lookup.md
 
 With ``task.queries=random`` a key may be asked twice. The second time, its answer also
 stands right after the first query, so a model can get it right by
@@ -12,8 +12,12 @@ first-time queries of the same sequences (no lookup: the plateau of runs that di
 learn it). Intervals: 95% percentile bootstrap over test sequences. ``--policy=P``
 re-evaluates the runs with ``bias.policy=P`` (the offset table's ``mask``: no attention
 to keys at offsets >= L), as relpos-eval's ``+bias_overrides.policy=P`` does.
+``--previous=FILE`` adds the per-run tables of an earlier output of this script (runs
+whose folders are gone) to the seed table, and prints them again below the new ones;
+with ``--policy`` only its tables, without only the unmasked ones.
 """
 
+import re
 import sys
 from pathlib import Path
 
@@ -25,6 +29,7 @@ from relpos import tasks as tasks_lib
 from relpos.evaluation import ratio_ci
 from relpos.evaluation.tasks import make_argmax_fn
 from relpos.plots import seed_interval
+from relpos.positions.offset import OFFSET_POLICIES
 
 EXAMPLES = 500
 
@@ -87,12 +92,16 @@ def summary(counts: np.ndarray) -> str:
     return f"{share(counts):.3f} [{lo:.3f}, {hi:.3f}] ({int(n.sum())})"
 
 
-def seed_table(tables: list[tuple]) -> list[str]:
+def seed_table(tables: list[tuple], earlier: list[tuple] = ()) -> list[str]:
     """First-time lookups per scheme over its seeds: mean [95% t interval over seeds,
-    ddof=1, clipped to [0, 1]] (n seeds); one seed: its value alone."""
+    ddof=1, clipped to [0, 1]] (n seeds); one seed: its value alone. ``earlier``:
+    (label, heading, {length: share}) of runs read back from an earlier output."""
     by_label: dict[str, list] = {}
     for label, _, rows in tables:
         by_label.setdefault(label, []).append({n: share(first) for _, n, first, *_ in rows})
+    for label, _, shares in earlier:
+        by_label.setdefault(label, []).append(shares)
+    by_label = dict(sorted(by_label.items()))
     # the guess is the same for every run of one task setting (the same test sequences)
     by_label["the list's most frequent value (no lookup)"] = [
         {n: share(guess) for _, n, *_, guess in tables[0][2]}]
@@ -111,17 +120,43 @@ def seed_table(tables: list[tuple]) -> list[str]:
     return out
 
 
+def previous_tables(path: Path, policy: str | None) -> tuple[list[tuple], list[str]]:
+    """The per-run sections of an earlier output: (label, heading, {length: first-time
+    share}) for the seed table, and the sections' text, of the runs with (without) the
+    policy."""
+    tables, texts = [], []
+    for section in path.read_text().split("\n### ")[1:]:
+        section = section.split("\n\n", 2)
+        heading, body = section[0], "\n".join(section[1:]).strip()
+        label = heading.split(", seed ")[0]
+        m = re.search(r" \((\w+)\)$", label)  # the label's policy suffix, if any
+        if (m[1] if m and m[1] in OFFSET_POLICIES else None) != policy:
+            continue
+        shares = {}
+        for line in body.splitlines():  # | k | length | first share [lo, hi] (n) | ...
+            if m := re.match(r"\| \d+ \| (\d+) \| ([\d.]+) \[", line):
+                shares[int(m[1])] = float(m[2])
+        tables.append((label, heading, shares))
+        texts.append(f"### {heading}\n\n{body}\n")
+    return tables, texts
+
+
 def main(args: list[str]) -> None:
-    policy = next((a.split("=", 1)[1] for a in args if a.startswith("--policy=")), None)
-    paths = [a for a in args if not a.startswith("--policy=")]
+    opts = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args if a.startswith("--")}
+    if unknown := set(opts) - {"--policy", "--previous"}:
+        raise SystemExit(f"unknown option {sorted(unknown)[0]}: valid are --policy, --previous")
+    policy = opts.get("--policy")
+    paths = [a for a in args if not a.startswith("--")]
     if not paths:
         raise SystemExit(__doc__)
     print(f"assoc_recall answers split by whether the query's key was asked before "
           f"({EXAMPLES} test sequences per length; experiments/length_tasks/assoc_lookup.py). "
           f"Correct share [95% bootstrap over sequences] (answers). Chance: 1/values.\n")
     tables = [lookup_table(Path(p), policy) for p in paths]
+    earlier, earlier_text = ([], []) if "--previous" not in opts else previous_tables(
+        Path(opts["--previous"]), policy)
     print("First-time lookups over seeds (mean [95% t interval over seeds]), by test length:\n")
-    print("\n".join(seed_table(tables)) + "\n")
+    print("\n".join(seed_table(tables, earlier)) + "\n")
     for _, what, rows in tables:
         print(f"### {what}\n")
         print("| x train | length | first time asked (lookup) | asked before (copy possible) "
@@ -130,6 +165,9 @@ def main(args: list[str]) -> None:
         for k, n, first, repeat, guess in rows:
             print(f"| {k} | {n} | {summary(first)} | {summary(repeat)} | {share(guess):.3f} |")
         print()
+    if earlier_text:
+        print(f"Runs of {opts['--previous']} (their folders are not kept), as written there:\n")
+        print("\n".join(earlier_text))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
 # pilot with fewer keys and more steps.
 #   experiments/length_tasks/run_study.sh [tasks|policies|lm_passkey|anchor|assoc_pilot|
 #                                          assoc_budget|assoc_random|assoc_random_seeds|
-#                                          content_tasks|assoc_pairs|assoc_lr|plot|all]
+#                                          content_tasks|plot|all]
 # Runs go to $HERE/runs/ (ignored by git); figures/ and results/ are committed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -90,19 +90,40 @@ assoc_random() {  # assoc_recall with random queries (task.queries=random, the d
   relpos-train -m "${R[@]/seed=0/seed=1}" bias=alibi,rope,kerple_log train.steps=8000 \
     train.checkpoint_every=4000 hydra.sweep.dir=$HERE/runs/assoc_random_long
 }
-assoc_random_seeds() {  # the rest of the 8,000-step grid (every scheme x seeds 0-2), in the
-  # order it was run: every scheme at seed 0, then the lookup learners' seed 2, then seed 1
-  # and seed 2 of the others. Each run takes 6-12 minutes on 2 cores.
+assoc_random_seeds() {  # the rest of the 8,000-step grid (every scheme x seeds 0-2) and
+  # the two controls (task.pairs=4 and RoPE at lr 3e-3), as two queues of single-threaded
+  # runs, one per core (1.4x the throughput of one 2-thread run on 2 cores, measured over
+  # 400 steps). In priority order: every scheme at seed 0, the controls, the lookup
+  # learners' seed 2, then seeds 1 and 2 of the others. Each run takes about 10 minutes
+  # beside the other.
   local R=(task=assoc_recall task.keys=64 task.queries=random "eval.task_multiples=[1,2,4,8]"
            train.length=32 train.batch_size=128 train.log_every=250 train.progress=false
            optim.lr=1e-3 optim.warmup_steps=200 model.d_model=64 model.num_layers=2
-           model.num_heads=4 eval.progress=false train.steps=8000 train.checkpoint_every=4000
-           hydra.sweep.dir=$HERE/runs/assoc_random_long)
-  local rest=sandwich,kerple_power,fire,xpos,learned_abs,sinusoidal
-  relpos-train -m "${R[@]}" bias=$rest seed=0
-  relpos-train -m "${R[@]}" bias=alibi,rope,kerple_log seed=2
-  relpos-train -m "${R[@]}" bias=t5,offset,none,$rest seed=1
-  relpos-train -m "${R[@]}" bias=t5,offset,none,$rest seed=2
+           model.num_heads=4 eval.progress=false train.steps=8000 train.checkpoint_every=4000)
+  one() {  # one run: sweep dir, then overrides
+    local dir=$1; shift
+    relpos-train -m "${R[@]}" "$@" hydra.sweep.dir=$HERE/runs/$dir </dev/null
+  }
+  queue() {  # core, then "dir:overrides" jobs
+    local core=$1 job; shift
+    for job in "$@"; do
+      XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
+        taskset -c "$core" bash -c "$(declare -p R HERE); $(declare -f one); one ${job/:/ }"
+    done
+  }
+  local L=assoc_random_long P="assoc_pairs:task.pairs=4" lr="assoc_random_lr:optim.lr=3e-3"
+  queue 0 "$L:bias=sandwich seed=0" "$L:bias=fire seed=0" "$L:bias=learned_abs seed=0" \
+    "$P bias=alibi seed=0" "$L:bias=alibi seed=2" "$L:bias=rope seed=2" "$L:bias=t5 seed=1" \
+    "$L:bias=none seed=1" "$L:bias=t5 seed=2" "$L:bias=none seed=2" \
+    "$L:bias=kerple_power seed=1" "$L:bias=fire seed=1" "$L:bias=learned_abs seed=1" \
+    "$L:bias=fire seed=2" "$L:bias=learned_abs seed=2" "$P bias=rope seed=0" &
+  queue 1 "$L:bias=kerple_power seed=0" "$L:bias=xpos seed=0" "$L:bias=sinusoidal seed=0" \
+    "$lr bias=rope seed=0" "$L:bias=kerple_log seed=2" "$P bias=alibi seed=1" \
+    "$L:bias=offset seed=1" "$L:bias=sandwich seed=1" "$L:bias=offset seed=2" \
+    "$L:bias=sandwich seed=2" "$L:bias=kerple_power seed=2" "$L:bias=xpos seed=1" \
+    "$L:bias=sinusoidal seed=1" "$L:bias=xpos seed=2" "$L:bias=sinusoidal seed=2" \
+    "$P bias=kerple_log seed=0" &
+  wait
 }
 content_tasks() {  # the schemes that read the content (CoPE, DAPE, FoX, stick-breaking,
   # SSMax, Hard-ALiBi) x 3 seeds on copy, in the tasks setting (passkey not run: a CoPE
@@ -110,31 +131,6 @@ content_tasks() {  # the schemes that read the content (CoPE, DAPE, FoX, stick-b
   relpos-train -m task=copy bias=fox,ssmax,hard_alibi,dape,cope,stickbreaking \
     train.length=32 train.steps=1200 train.checkpoint_every=1200 "${COMMON[@]}" \
     hydra.sweep.dir=$HERE/runs/copy_content
-}
-assoc_pairs() {  # assoc_recall with 1..4 pairs at every length and a gap before the
-  # queries (task.pairs=4): distance without more pairs; the assoc_random setting
-  relpos-train -m task=assoc_recall task.keys=64 task.pairs=4 task.queries=random \
-    "eval.task_multiples=[1,2,4,8]" train.length=32 train.batch_size=128 train.log_every=250 \
-    train.progress=false optim.lr=1e-3 optim.warmup_steps=200 model.d_model=64 \
-    model.num_layers=2 model.num_heads=4 eval.progress=false train.steps=8000 \
-    train.checkpoint_every=4000 bias=alibi,kerple_log seed=0 hydra.sweep.dir=$HERE/runs/assoc_pairs
-  assoc_pairs_more
-}
-assoc_pairs_more() {  # then alibi's seed 1, and rope and sandwich
-  local A=(task=assoc_recall task.keys=64 task.pairs=4 task.queries=random
-           "eval.task_multiples=[1,2,4,8]" train.length=32 train.batch_size=128
-           train.log_every=250 train.progress=false optim.lr=1e-3 optim.warmup_steps=200
-           model.d_model=64 model.num_layers=2 model.num_heads=4 eval.progress=false
-           train.steps=8000 train.checkpoint_every=4000 hydra.sweep.dir=$HERE/runs/assoc_pairs)
-  relpos-train -m "${A[@]}" bias=alibi seed=1
-  relpos-train -m "${A[@]}" bias=rope,sandwich seed=0
-}
-assoc_lr() {  # is RoPE's plateau the scheme or the budget? RoPE at lr 3e-3 (3x), 8,000 steps
-  relpos-train -m task=assoc_recall task.keys=64 task.queries=random \
-    "eval.task_multiples=[1,2,4,8]" train.length=32 train.batch_size=128 train.log_every=250 \
-    train.progress=false optim.lr=3e-3 optim.warmup_steps=200 model.d_model=64 \
-    model.num_layers=2 model.num_heads=4 eval.progress=false train.steps=8000 \
-    train.checkpoint_every=4000 bias=rope seed=0 hydra.sweep.dir=$HERE/runs/assoc_random_lr
 }
 plot() {  # tasks and LMs apart: each figure's panels share one training length
   # one corpus per results file: copy and assoc_recall read none, passkey's filler is the corpus
@@ -149,8 +145,11 @@ plot() {  # tasks and LMs apart: each figure's panels share one training length
     "title=Copy (no corpus), trained at 32: the content-reading schemes (3 seeds)"
   relpos-plot "inputs=[$HERE/runs/assoc_pairs]" out_dir=$HERE/figures/assoc_pairs \
     merge_to=$HERE/results/assoc_pairs.json \
-    "title=assoc_recall, 1..4 pairs and a gap (task.pairs=4), 8,000 steps, trained at 32 (seed 0)"
+    "title=assoc_recall, 1..4 pairs and a gap (task.pairs=4), 8,000 steps, trained at 32 (seeds in the legend)"
   python $HERE/assoc_lookup.py $HERE/runs/assoc_pairs/*/ > $HERE/results/assoc_pairs_lookup.md
+  relpos-plot "inputs=[$HERE/runs/assoc_random_lr]" out_dir=$HERE/figures/assoc_lr \
+    merge_to=$HERE/results/assoc_lr.json \
+    "title=assoc_recall, random queries, RoPE at lr 3e-3, 8,000 steps, trained at 32 (seed 0)"
   python $HERE/assoc_lookup.py $HERE/runs/assoc_random_lr/*/ > $HERE/results/assoc_lr_lookup.md
   relpos-plot "inputs=[$HERE/runs/lm]" out_dir=$HERE/figures/lm_passkey \
     merge_to=$HERE/results/lm_passkey.json "title=Passkey retrieval by LMs trained at 64"
@@ -164,18 +163,21 @@ plot() {  # tasks and LMs apart: each figure's panels share one training length
   relpos-plot "inputs=[$HERE/runs/assoc_random]" out_dir=$HERE/figures/assoc_random \
     merge_to=$HERE/results/assoc_random.json \
     "title=assoc_recall, random queries, 64 keys, 3,000 steps, trained at 32 (seed 0)"
-  relpos-plot "inputs=[$HERE/runs/assoc_random_long]" out_dir=$HERE/figures/assoc_random_long \
-    merge_to=$HERE/results/assoc_random_long.json \
+  # the 8,000-step grid: the 9 runs of an earlier machine (results/*_earlier.*: their
+  # folders are gone) and the runs of assoc_random_seeds
+  relpos-plot "inputs=[$HERE/results/assoc_random_long_earlier.json,$HERE/runs/assoc_random_long]" \
+    out_dir=$HERE/figures/assoc_random_long merge_to=$HERE/results/assoc_random_long.json \
     "title=assoc_recall, random queries, 64 keys, 8,000 steps, trained at 32 (seeds in the legend)"
-  python $HERE/assoc_lookup.py $HERE/runs/assoc_random_long/*/ > $HERE/results/assoc_lookup.md
-  python $HERE/assoc_lookup.py --policy=mask $HERE/runs/assoc_random_long/bias=offset,*/ \
+  local E=--previous=$HERE/results/assoc_lookup_earlier.md
+  python $HERE/assoc_lookup.py $E $HERE/runs/assoc_random_long/*/ > $HERE/results/assoc_lookup.md
+  python $HERE/assoc_lookup.py $E --policy=mask $HERE/runs/assoc_random_long/bias=offset,*/ \
     | tail -n +3 >> $HERE/results/assoc_lookup.md  # the same table with no attention beyond L
   python $HERE/assoc_by_query.py $HERE/runs/assoc_pilot/*/ $HERE/runs/assoc_long/*/ \
     $HERE/runs/assoc_shape/*/ > $HERE/results/assoc_by_query.md
 }
 case "${1:-all}" in
-  tasks|policies|lm_passkey|anchor|assoc_pilot|assoc_budget|assoc_random|assoc_random_seeds|content_tasks|assoc_pairs|assoc_pairs_more|assoc_lr|plot) "$1" ;;
-  all) tasks; policies; lm_passkey; anchor; assoc_pilot; assoc_budget; assoc_random; assoc_random_seeds; content_tasks; assoc_pairs; assoc_lr; plot ;;
-  *) echo "usage: $0 [tasks|policies|lm_passkey|anchor|assoc_pilot|assoc_budget|assoc_random|assoc_random_seeds|content_tasks|assoc_pairs|assoc_lr|plot|all]" >&2
+  tasks|policies|lm_passkey|anchor|assoc_pilot|assoc_budget|assoc_random|assoc_random_seeds|content_tasks|plot) "$1" ;;
+  all) tasks; policies; lm_passkey; anchor; assoc_pilot; assoc_budget; assoc_random; assoc_random_seeds; content_tasks; plot ;;
+  *) echo "usage: $0 [tasks|policies|lm_passkey|anchor|assoc_pilot|assoc_budget|assoc_random|assoc_random_seeds|content_tasks|plot|all]" >&2
      exit 2 ;;
 esac
