@@ -2,11 +2,13 @@
 # The task study (README.md says what was run and what it showed): every base scheme x
 # 3 seeds on copy and assoc_recall (L = 32) and passkey (L = 128); the offset table's
 # trained weights with the mask policy; LM passkey retrieval (quick LM preset, 4
-# schemes, seed 0); Ruoss et al. (2023)'s reverse string as an anchor; an assoc_recall
-# pilot with fewer keys and more steps.
+# schemes, seed 0); Ruoss et al. (2023)'s reverse string as an anchor; assoc_recall
+# pilots, then with random queries at 8,000 steps (every scheme x 3 seeds, as far as
+# run) and two controls: 1..4 pairs at every length (task.pairs=4), RoPE at lr 3e-3.
+# The content-reading schemes on copy. plot_assoc redraws the assoc_recall parts alone.
 #   experiments/length_tasks/run_study.sh [tasks|policies|lm_passkey|anchor|assoc_pilot|
 #                                          assoc_budget|assoc_random|assoc_random_seeds|
-#                                          content_tasks|plot|all]
+#                                          content_tasks|plot|plot_assoc|all]
 # Runs go to $HERE/runs/ (ignored by git); figures/ and results/ are committed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -143,14 +145,6 @@ plot() {  # tasks and LMs apart: each figure's panels share one training length
   relpos-plot "inputs=[$HERE/runs/copy_content]" out_dir=$HERE/figures/content_copy \
     merge_to=$HERE/results/content_copy.json \
     "title=Copy (no corpus), trained at 32: the content-reading schemes (3 seeds)"
-  relpos-plot "inputs=[$HERE/runs/assoc_pairs]" out_dir=$HERE/figures/assoc_pairs \
-    merge_to=$HERE/results/assoc_pairs.json \
-    "title=assoc_recall, 1..4 pairs and a gap (task.pairs=4), 8,000 steps, trained at 32 (seeds in the legend)"
-  python $HERE/assoc_lookup.py $HERE/runs/assoc_pairs/*/ > $HERE/results/assoc_pairs_lookup.md
-  relpos-plot "inputs=[$HERE/runs/assoc_random_lr]" out_dir=$HERE/figures/assoc_lr \
-    merge_to=$HERE/results/assoc_lr.json \
-    "title=assoc_recall, random queries, RoPE at lr 3e-3, 8,000 steps, trained at 32 (seed 0)"
-  python $HERE/assoc_lookup.py $HERE/runs/assoc_random_lr/*/ > $HERE/results/assoc_lr_lookup.md
   relpos-plot "inputs=[$HERE/runs/lm]" out_dir=$HERE/figures/lm_passkey \
     merge_to=$HERE/results/lm_passkey.json "title=Passkey retrieval by LMs trained at 64"
   relpos-plot "inputs=[$HERE/runs/assoc_pilot]" out_dir=$HERE/figures/assoc_pilot \
@@ -163,8 +157,13 @@ plot() {  # tasks and LMs apart: each figure's panels share one training length
   relpos-plot "inputs=[$HERE/runs/assoc_random]" out_dir=$HERE/figures/assoc_random \
     merge_to=$HERE/results/assoc_random.json \
     "title=assoc_recall, random queries, 64 keys, 3,000 steps, trained at 32 (seed 0)"
-  # the 8,000-step grid: the 9 runs of an earlier machine (results/*_earlier.*: their
-  # folders are gone) and the runs of assoc_random_seeds
+  plot_assoc
+  python $HERE/assoc_by_query.py $HERE/runs/assoc_pilot/*/ $HERE/runs/assoc_long/*/ \
+    $HERE/runs/assoc_shape/*/ > $HERE/results/assoc_by_query.md
+}
+plot_assoc() {  # the 8,000-step assoc_recall grid and its two controls
+  # the 9 runs of an earlier machine (results/*_earlier.*: their folders are gone) and
+  # the runs of assoc_random_seeds
   relpos-plot "inputs=[$HERE/results/assoc_random_long_earlier.json,$HERE/runs/assoc_random_long]" \
     out_dir=$HERE/figures/assoc_random_long merge_to=$HERE/results/assoc_random_long.json \
     "title=assoc_recall, random queries, 64 keys, 8,000 steps, trained at 32 (seeds in the legend)"
@@ -172,12 +171,18 @@ plot() {  # tasks and LMs apart: each figure's panels share one training length
   python $HERE/assoc_lookup.py $E $HERE/runs/assoc_random_long/*/ > $HERE/results/assoc_lookup.md
   python $HERE/assoc_lookup.py $E --policy=mask $HERE/runs/assoc_random_long/bias=offset,*/ \
     | tail -n +3 >> $HERE/results/assoc_lookup.md  # the same table with no attention beyond L
-  python $HERE/assoc_by_query.py $HERE/runs/assoc_pilot/*/ $HERE/runs/assoc_long/*/ \
-    $HERE/runs/assoc_shape/*/ > $HERE/results/assoc_by_query.md
+  relpos-plot "inputs=[$HERE/runs/assoc_pairs]" out_dir=$HERE/figures/assoc_pairs \
+    merge_to=$HERE/results/assoc_pairs.json \
+    "title=assoc_recall, 1..4 pairs and a gap (task.pairs=4), 8,000 steps, trained at 32 (seeds in the legend)"
+  python $HERE/assoc_lookup.py $HERE/runs/assoc_pairs/*/ > $HERE/results/assoc_pairs_lookup.md
+  relpos-plot "inputs=[$HERE/runs/assoc_random_lr]" out_dir=$HERE/figures/assoc_lr \
+    merge_to=$HERE/results/assoc_lr.json \
+    "title=assoc_recall, random queries, RoPE at lr 3e-3, 8,000 steps, trained at 32 (seed 0)"
+  python $HERE/assoc_lookup.py $HERE/runs/assoc_random_lr/*/ > $HERE/results/assoc_lr_lookup.md
 }
 case "${1:-all}" in
-  tasks|policies|lm_passkey|anchor|assoc_pilot|assoc_budget|assoc_random|assoc_random_seeds|content_tasks|plot) "$1" ;;
+  tasks|policies|lm_passkey|anchor|assoc_pilot|assoc_budget|assoc_random|assoc_random_seeds|content_tasks|plot|plot_assoc) "$1" ;;
   all) tasks; policies; lm_passkey; anchor; assoc_pilot; assoc_budget; assoc_random; assoc_random_seeds; content_tasks; plot ;;
-  *) echo "usage: $0 [tasks|policies|lm_passkey|anchor|assoc_pilot|assoc_budget|assoc_random|assoc_random_seeds|content_tasks|plot|all]" >&2
+  *) echo "usage: $0 [tasks|policies|lm_passkey|anchor|assoc_pilot|assoc_budget|assoc_random|assoc_random_seeds|content_tasks|plot|plot_assoc|all]" >&2
      exit 2 ;;
 esac
