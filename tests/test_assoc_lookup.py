@@ -50,23 +50,31 @@ EARLIER = """header
 
 ### alibi, seed 0: width 64, 2 layers, 8000 steps, 64 keys, trained at 32
 
-| x train | length | first time asked (lookup) | asked before (copy possible) |
-|---|---|---|---|
-| 1 | 32 | 0.992 [0.988, 0.995] (2303) | 0.993 [0.988, 0.998] (1197) |
-| 8 | 256 | 0.316 [0.310, 0.321] (19992) | 0.647 [0.638, 0.656] (11508) |
+| x train | length | first time asked (lookup) | asked before (copy possible) | first time, most frequent value |
+|---|---|---|---|---|
+| 1 | 32 | 0.992 [0.988, 0.995] (2303) | 0.993 [0.988, 0.998] (1197) | 0.280 |
+| 8 | 256 | 0.316 [0.310, 0.321] (19992) | 0.647 [0.638, 0.656] (11508) | 0.123 |
+
+Runs of earlier.md (their folders are not kept), as written there:
 
 ### alibi, seed 1: width 64, 2 layers, 8000 steps, 64 keys, trained at 32
 
-| x train | length | first time asked (lookup) | asked before (copy possible) |
-|---|---|---|---|
-| 1 | 32 | 0.998 [0.997, 1.000] (2303) | 1.000 [1.000, 1.000] (1197) |
-| 8 | 256 | 0.445 [0.439, 0.452] (19992) | 0.763 [0.756, 0.771] (11508) |
+| x train | length | first time asked (lookup) | asked before (copy possible) | first time, most frequent value |
+|---|---|---|---|---|
+| 1 | 32 | 0.998 [0.997, 1.000] (2303) | 1.000 [1.000, 1.000] (1197) | 0.280 |
+| 8 | 256 | 0.445 [0.439, 0.452] (19992) | 0.763 [0.756, 0.771] (11508) | 0.123 |
+
+First-time lookups over seeds (mean [95% t interval over seeds]), by test length:
+
+| scheme (seeds) | 32 | 256 |
+|---|---|---|
+| offset (mask) (1) | 0.270 | 0.101 |
 
 ### offset (mask), seed 0: width 64, 2 layers, 8000 steps, 64 keys, trained at 32
 
-| x train | length | first time asked (lookup) | asked before (copy possible) |
-|---|---|---|---|
-| 1 | 32 | 0.270 [0.256, 0.284] (2303) | 0.298 [0.268, 0.328] (1197) |
+| x train | length | first time asked (lookup) | asked before (copy possible) | first time, most frequent value |
+|---|---|---|---|---|
+| 1 | 32 | 0.270 [0.256, 0.284] (2303) | 0.298 [0.268, 0.328] (1197) | 0.280 |
 """
 
 
@@ -76,11 +84,32 @@ def test_previous_tables_reads_back_the_runs_of_one_policy(tmp_path, policy, lab
     path.write_text(EARLIER)
     tables, texts = assoc_lookup.previous_tables(path, policy)
     assert [t[0] for t in tables] == labels
-    assert all(t.startswith("### ") and "| x train |" in t for t in texts)
+    # each text is its heading and its table alone, not the notes and tables after it
+    assert all(t.startswith("### ") and t.rstrip().endswith(" |") for t in texts)
+    assert not any("Runs of" in t or "scheme (seeds)" in t for t in texts)
     if policy is None:
         assert [t[2] for t in tables] == [{32: 0.992, 256: 0.316}, {32: 0.998, 256: 0.445}]
+        assert tables[0][3] == {32: 0.280, 256: 0.123}  # the guess column
         # the seed table pools both seeds: mean 0.3805 at 256, with a t interval
         fresh = ("rope", "rope, seed 0", [(k, 32 * k, np.array([[1.0, 10.0]]), None,
                                            np.array([[2.0, 10.0]])) for k in (1, 8)])
-        row = next(r for r in assoc_lookup.seed_table([fresh], tables) if r.startswith("| alibi"))
+        table = assoc_lookup.seed_table([fresh], tables)
+        row = next(r for r in table if r.startswith("| alibi"))
         assert row.startswith("| alibi (2) | 0.995 [") and "| 0.381 [" in row
+        assert table[-1] == "| the list's most frequent value (no lookup) | 0.200 | 0.200 |"
+        # with no fresh runs the guess row is read back from the earlier output
+        assert assoc_lookup.seed_table([], tables)[-1].endswith("| 0.280 | 0.123 |")
+
+
+def test_main_reprints_earlier_runs_alone_and_refuses_a_run_twice(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "earlier.md"
+    path.write_text(EARLIER)
+    assoc_lookup.main([f"--previous={path}", "--policy=mask"])
+    out = capsys.readouterr().out
+    assert "| offset (mask) (1) | 0.270 |" in out and out.count("### ") == 1
+    heading = "alibi, seed 1: width 64, 2 layers, 8000 steps, 64 keys, trained at 32"
+    monkeypatch.setattr(assoc_lookup, "lookup_table", lambda p, policy: ("alibi", heading, []))
+    with pytest.raises(SystemExit, match="is both in .* and in the run folders"):
+        assoc_lookup.main([f"--previous={path}", "some/run"])
+    with pytest.raises(SystemExit, match="no runs: .* with policy nope"):
+        assoc_lookup.main([f"--previous={path}", "--policy=nope"])

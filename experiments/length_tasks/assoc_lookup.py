@@ -95,16 +95,18 @@ def summary(counts: np.ndarray) -> str:
 def seed_table(tables: list[tuple], earlier: list[tuple] = ()) -> list[str]:
     """First-time lookups per scheme over its seeds: mean [95% t interval over seeds,
     ddof=1, clipped to [0, 1]] (n seeds); one seed: its value alone. ``earlier``:
-    (label, heading, {length: share}) of runs read back from an earlier output."""
+    (label, heading, {length: share}, {length: guess}) of runs read back from an earlier
+    output."""
     by_label: dict[str, list] = {}
     for label, _, rows in tables:
         by_label.setdefault(label, []).append({n: share(first) for _, n, first, *_ in rows})
-    for label, _, shares in earlier:
+    for label, _, shares, _ in earlier:
         by_label.setdefault(label, []).append(shares)
     by_label = dict(sorted(by_label.items()))
     # the guess is the same for every run of one task setting (the same test sequences)
     by_label["the list's most frequent value (no lookup)"] = [
-        {n: share(guess) for _, n, *_, guess in tables[0][2]}]
+        {n: share(guess) for _, n, *_, guess in tables[0][2]} if tables
+        else next((g for *_, g in earlier if g), {})]
     lengths = sorted({n for runs_ in by_label.values() for r in runs_ for n in r})
     out = ["| scheme (seeds) | " + " | ".join(str(n) for n in lengths) + " |",
            "|---|" + "---|" * len(lengths)]
@@ -121,22 +123,25 @@ def seed_table(tables: list[tuple], earlier: list[tuple] = ()) -> list[str]:
 
 
 def previous_tables(path: Path, policy: str | None) -> tuple[list[tuple], list[str]]:
-    """The per-run sections of an earlier output: (label, heading, {length: first-time
-    share}) for the seed table, and the sections' text, of the runs with (without) the
-    policy."""
+    """The per-run sections of an earlier output, wherever they stand in it: (label,
+    heading, {length: first-time share}, {length: guess}) for the seed table, and the
+    sections' text (heading and table), of the runs with (without) the policy."""
     tables, texts = [], []
     for section in path.read_text().split("\n### ")[1:]:
-        section = section.split("\n\n", 2)
-        heading, body = section[0], "\n".join(section[1:]).strip()
+        heading, _, rest = section.partition("\n\n")
+        body = rest.split("\n\n", 1)[0].strip()  # the run's table, up to the next blank line
         label = heading.split(", seed ")[0]
         m = re.search(r" \((\w+)\)$", label)  # the label's policy suffix, if any
         if (m[1] if m and m[1] in OFFSET_POLICIES else None) != policy:
             continue
-        shares = {}
-        for line in body.splitlines():  # | k | length | first share [lo, hi] (n) | ...
+        shares, guess = {}, {}
+        for line in body.splitlines():  # | k | length | first share [lo, hi] (n) | ... | guess |
             if m := re.match(r"\| \d+ \| (\d+) \| ([\d.]+) \[", line):
                 shares[int(m[1])] = float(m[2])
-        tables.append((label, heading, shares))
+                cells = line.strip(" |").split(" | ")
+                if len(cells) == 5:  # the guess column (outputs before it had four)
+                    guess[int(m[1])] = float(cells[4])
+        tables.append((label, heading, shares, guess))
         texts.append(f"### {heading}\n\n{body}\n")
     return tables, texts
 
@@ -147,14 +152,20 @@ def main(args: list[str]) -> None:
         raise SystemExit(f"unknown option {sorted(unknown)[0]}: valid are --policy, --previous")
     policy = opts.get("--policy")
     paths = [a for a in args if not a.startswith("--")]
-    if not paths:
+    if not paths and "--previous" not in opts:
         raise SystemExit(__doc__)
     print(f"assoc_recall answers split by whether the query's key was asked before "
           f"({EXAMPLES} test sequences per length; experiments/length_tasks/assoc_lookup.py). "
           f"Correct share [95% bootstrap over sequences] (answers). Chance: 1/values.\n")
-    tables = [lookup_table(Path(p), policy) for p in paths]
     earlier, earlier_text = ([], []) if "--previous" not in opts else previous_tables(
         Path(opts["--previous"]), policy)
+    tables = [lookup_table(Path(p), policy) for p in paths]
+    if again := {h for _, h, *_ in earlier} & {what for _, what, _ in tables}:
+        raise SystemExit(f"run {sorted(again)[0]!r} is both in {opts['--previous']} and in the "
+                         f"run folders: drop one of them (a seed must count once)")
+    if not tables and not earlier:
+        raise SystemExit(f"no runs: no run folders given and none in {opts['--previous']}"
+                         + (f" with policy {policy}" if policy else ""))
     print("First-time lookups over seeds (mean [95% t interval over seeds]), by test length:\n")
     print("\n".join(seed_table(tables, earlier)) + "\n")
     for _, what, rows in tables:

@@ -8,6 +8,7 @@
 # The content-reading schemes on copy. plot_assoc redraws the assoc_recall parts alone.
 #   experiments/length_tasks/run_study.sh [tasks|policies|lm_passkey|anchor|assoc_pilot|
 #                                          assoc_budget|assoc_random|assoc_random_seeds|
+#                                          assoc_random_rest|
 #                                          content_tasks|plot|plot_assoc|all]
 # Runs go to $HERE/runs/ (ignored by git); figures/ and results/ are committed.
 set -euo pipefail
@@ -92,39 +93,44 @@ assoc_random() {  # assoc_recall with random queries (task.queries=random, the d
   relpos-train -m "${R[@]/seed=0/seed=1}" bias=alibi,rope,kerple_log train.steps=8000 \
     train.checkpoint_every=4000 hydra.sweep.dir=$HERE/runs/assoc_random_long
 }
-assoc_random_seeds() {  # the rest of the 8,000-step grid (every scheme x seeds 0-2) and
-  # the two controls (task.pairs=4 and RoPE at lr 3e-3), as two queues of single-threaded
-  # runs, one per core (1.4x the throughput of one 2-thread run on 2 cores, measured over
-  # 400 steps). In priority order: every scheme at seed 0, the controls, the lookup
-  # learners' seed 2, then seeds 1 and 2 of the others. Each run takes about 10 minutes
-  # beside the other.
-  local R=(task=assoc_recall task.keys=64 task.queries=random "eval.task_multiples=[1,2,4,8]"
-           train.length=32 train.batch_size=128 train.log_every=250 train.progress=false
-           optim.lr=1e-3 optim.warmup_steps=200 model.d_model=64 model.num_layers=2
-           model.num_heads=4 eval.progress=false train.steps=8000 train.checkpoint_every=4000)
-  one() {  # one run: sweep dir, then overrides
-    local dir=$1; shift
-    relpos-train -m "${R[@]}" "$@" hydra.sweep.dir=$HERE/runs/$dir </dev/null
-  }
-  queue() {  # core, then "dir:overrides" jobs
-    local core=$1 job; shift
-    for job in "$@"; do
-      XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
-        taskset -c "$core" bash -c "$(declare -p R HERE); $(declare -f one); one ${job/:/ }"
-    done
-  }
-  local L=assoc_random_long P="assoc_pairs:task.pairs=4" lr="assoc_random_lr:optim.lr=3e-3"
-  queue 0 "$L:bias=sandwich seed=0" "$L:bias=fire seed=0" "$L:bias=learned_abs seed=0" \
+R8K=(task=assoc_recall task.keys=64 task.queries=random "eval.task_multiples=[1,2,4,8]"
+     train.length=32 train.batch_size=128 train.log_every=250 train.progress=false
+     optim.lr=1e-3 optim.warmup_steps=200 model.d_model=64 model.num_layers=2
+     model.num_heads=4 eval.progress=false train.steps=8000 train.checkpoint_every=4000)
+one8k() {  # one run of the 8,000-step setting: sweep dir, then overrides
+  local dir=$1; shift
+  relpos-train -m "${R8K[@]}" "$@" hydra.sweep.dir=$HERE/runs/$dir </dev/null
+}
+queue8k() {  # core, then "dir:overrides" jobs, run one after another, single-threaded
+  local core=$1 job; shift
+  for job in "$@"; do
+    XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
+      taskset -c "$core" bash -c "$(declare -p R8K HERE); $(declare -f one8k); one8k ${job/:/ }"
+  done
+}
+L8K=assoc_random_long P8K="assoc_pairs:task.pairs=4"
+assoc_random_seeds() {  # more of the 8,000-step grid and two controls (task.pairs=4 and
+  # RoPE at lr 3e-3), as two queues of single-threaded runs, one per core (1.4x the
+  # throughput of one 2-thread run on 2 cores, measured over 400 steps), in priority order:
+  # every scheme at seed 0, the controls, the lookup learners' seed 2, then seeds 1 and 2
+  # of the others. Each run takes about 10 minutes beside the other.
+  local L=$L8K P=$P8K lr="assoc_random_lr:optim.lr=3e-3"
+  queue8k 0 "$L:bias=sandwich seed=0" "$L:bias=fire seed=0" "$L:bias=learned_abs seed=0" \
     "$P bias=alibi seed=0" "$L:bias=alibi seed=2" "$L:bias=rope seed=2" "$L:bias=t5 seed=1" \
-    "$L:bias=none seed=1" "$L:bias=t5 seed=2" "$L:bias=none seed=2" \
-    "$L:bias=kerple_power seed=1" "$L:bias=fire seed=1" "$L:bias=learned_abs seed=1" \
-    "$L:bias=fire seed=2" "$L:bias=learned_abs seed=2" "$P bias=rope seed=0" &
-  queue 1 "$L:bias=kerple_power seed=0" "$L:bias=xpos seed=0" "$L:bias=sinusoidal seed=0" \
+    "$L:bias=none seed=1" "$L:bias=t5 seed=2" "$L:bias=none seed=2" &
+  queue8k 1 "$L:bias=kerple_power seed=0" "$L:bias=xpos seed=0" "$L:bias=sinusoidal seed=0" \
     "$lr bias=rope seed=0" "$L:bias=kerple_log seed=2" "$P bias=alibi seed=1" \
     "$L:bias=offset seed=1" "$L:bias=sandwich seed=1" "$L:bias=offset seed=2" \
-    "$L:bias=sandwich seed=2" "$L:bias=kerple_power seed=2" "$L:bias=xpos seed=1" \
-    "$L:bias=sinusoidal seed=1" "$L:bias=xpos seed=2" "$L:bias=sinusoidal seed=2" \
-    "$P bias=kerple_log seed=0" &
+    "$L:bias=sandwich seed=2" &
+  wait
+}
+assoc_random_rest() {  # the grid's last 10 runs (seeds 1-2 of 5 schemes) and the pairs
+  # control for RoPE and KERPLE-log (seed 0), the same two queues
+  local L=$L8K P=$P8K
+  queue8k 0 "$L:bias=kerple_power seed=1" "$L:bias=fire seed=1" "$L:bias=learned_abs seed=1" \
+    "$L:bias=fire seed=2" "$L:bias=learned_abs seed=2" "$P bias=rope seed=0" &
+  queue8k 1 "$L:bias=kerple_power seed=2" "$L:bias=xpos seed=1" "$L:bias=sinusoidal seed=1" \
+    "$L:bias=xpos seed=2" "$L:bias=sinusoidal seed=2" "$P bias=kerple_log seed=0" &
   wait
 }
 content_tasks() {  # the schemes that read the content (CoPE, DAPE, FoX, stick-breaking,
@@ -161,28 +167,39 @@ plot() {  # tasks and LMs apart: each figure's panels share one training length
   python $HERE/assoc_by_query.py $HERE/runs/assoc_pilot/*/ $HERE/runs/assoc_long/*/ \
     $HERE/runs/assoc_shape/*/ > $HERE/results/assoc_by_query.md
 }
-plot_assoc() {  # the 8,000-step assoc_recall grid and its two controls
-  # the 9 runs of an earlier machine (results/*_earlier.*: their folders are gone) and
-  # the runs of assoc_random_seeds
-  relpos-plot "inputs=[$HERE/results/assoc_random_long_earlier.json,$HERE/runs/assoc_random_long]" \
-    out_dir=$HERE/figures/assoc_random_long merge_to=$HERE/results/assoc_random_long.json \
+plot_assoc() {  # the 8,000-step assoc_recall grid and its controls. Runs whose folders are
+  # gone (earlier machines) are read back from results/*_earlier.*, beside those in runs/; a
+  # run in both is refused (a repeated seed): move the *_earlier files aside to redo all.
+  shopt -s nullglob
+  local R=$HERE/results
+  earlier() {  # NAME: results/NAME_earlier.json, if kept
+    [[ -f $R/$1_earlier.json ]] && echo "$R/$1_earlier.json," || true
+  }
+  lookup() {  # NAME OUT [--policy=P] RUN_DIRS...: assoc_lookup.py with NAME's earlier tables
+    local name=$1 out=$2; shift 2
+    local prev=(); [[ -f $R/${name}_earlier.md ]] && prev=(--previous=$R/${name}_earlier.md)
+    python $HERE/assoc_lookup.py "${prev[@]}" "$@" > "$out"
+  }
+  relpos-plot "inputs=[$(earlier assoc_random_long)$HERE/runs/assoc_random_long]" \
+    out_dir=$HERE/figures/assoc_random_long merge_to=$R/assoc_random_long.json \
     "title=assoc_recall, random queries, 64 keys, 8,000 steps, trained at 32 (seeds in the legend)"
-  local E=--previous=$HERE/results/assoc_lookup_earlier.md
-  python $HERE/assoc_lookup.py $E $HERE/runs/assoc_random_long/*/ > $HERE/results/assoc_lookup.md
-  python $HERE/assoc_lookup.py $E --policy=mask $HERE/runs/assoc_random_long/bias=offset,*/ \
-    | tail -n +3 >> $HERE/results/assoc_lookup.md  # the same table with no attention beyond L
-  relpos-plot "inputs=[$HERE/runs/assoc_pairs]" out_dir=$HERE/figures/assoc_pairs \
-    merge_to=$HERE/results/assoc_pairs.json \
+  lookup assoc_lookup $R/assoc_lookup.md $HERE/runs/assoc_random_long/*/
+  lookup assoc_lookup /dev/stdout --policy=mask $HERE/runs/assoc_random_long/bias=offset,*/ \
+    | tail -n +3 >> $R/assoc_lookup.md  # the same table with no attention beyond L
+  relpos-plot "inputs=[$(earlier assoc_pairs)$HERE/runs/assoc_pairs]" \
+    out_dir=$HERE/figures/assoc_pairs merge_to=$R/assoc_pairs.json \
     "title=assoc_recall, 1..4 pairs and a gap (task.pairs=4), 8,000 steps, trained at 32 (seeds in the legend)"
-  python $HERE/assoc_lookup.py $HERE/runs/assoc_pairs/*/ > $HERE/results/assoc_pairs_lookup.md
-  relpos-plot "inputs=[$HERE/runs/assoc_random_lr]" out_dir=$HERE/figures/assoc_lr \
-    merge_to=$HERE/results/assoc_lr.json \
-    "title=assoc_recall, random queries, RoPE at lr 3e-3, 8,000 steps, trained at 32 (seed 0)"
-  python $HERE/assoc_lookup.py $HERE/runs/assoc_random_lr/*/ > $HERE/results/assoc_lr_lookup.md
+  lookup assoc_pairs_lookup $R/assoc_pairs_lookup.md $HERE/runs/assoc_pairs/*/
+  if [[ -d $HERE/runs/assoc_random_lr ]]; then  # its one run's folder is gone: kept as drawn
+    relpos-plot "inputs=[$HERE/runs/assoc_random_lr]" out_dir=$HERE/figures/assoc_lr \
+      merge_to=$R/assoc_lr.json \
+      "title=assoc_recall, random queries, RoPE at lr 3e-3, 8,000 steps, trained at 32 (seed 0)"
+    lookup none $R/assoc_lr_lookup.md $HERE/runs/assoc_random_lr/*/
+  fi
 }
 case "${1:-all}" in
-  tasks|policies|lm_passkey|anchor|assoc_pilot|assoc_budget|assoc_random|assoc_random_seeds|content_tasks|plot|plot_assoc) "$1" ;;
-  all) tasks; policies; lm_passkey; anchor; assoc_pilot; assoc_budget; assoc_random; assoc_random_seeds; content_tasks; plot ;;
-  *) echo "usage: $0 [tasks|policies|lm_passkey|anchor|assoc_pilot|assoc_budget|assoc_random|assoc_random_seeds|content_tasks|plot|plot_assoc|all]" >&2
+  tasks|policies|lm_passkey|anchor|assoc_pilot|assoc_budget|assoc_random|assoc_random_seeds|assoc_random_rest|content_tasks|plot|plot_assoc) "$1" ;;
+  all) tasks; policies; lm_passkey; anchor; assoc_pilot; assoc_budget; assoc_random; assoc_random_seeds; assoc_random_rest; content_tasks; plot ;;
+  *) echo "usage: $0 [tasks|policies|lm_passkey|anchor|assoc_pilot|assoc_budget|assoc_random|assoc_random_seeds|assoc_random_rest|content_tasks|plot|plot_assoc|all]" >&2
      exit 2 ;;
 esac
