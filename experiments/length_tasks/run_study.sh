@@ -3,8 +3,8 @@
 # 3 seeds on copy and assoc_recall (L = 32) and passkey (L = 128); the offset table's
 # trained weights with the mask policy; LM passkey retrieval (quick LM preset, 4
 # schemes, seed 0); Ruoss et al. (2023)'s reverse string as an anchor; assoc_recall
-# pilots, then with random queries at 8,000 steps (every scheme x 3 seeds, as far as
-# run) and two controls: 1..4 pairs at every length (task.pairs=4), RoPE at lr 3e-3.
+# pilots, then with random queries at 8,000 steps (every scheme x 3 seeds) and two
+# controls: 1..4 pairs at every length (task.pairs=4), RoPE at lr 3e-3.
 # The content-reading schemes on copy. plot_assoc redraws the assoc_recall parts alone.
 #   experiments/length_tasks/run_study.sh [tasks|policies|lm_passkey|anchor|assoc_pilot|
 #                                          assoc_budget|assoc_random|assoc_random_seeds|
