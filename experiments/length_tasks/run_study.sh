@@ -3,12 +3,13 @@
 # 3 seeds on copy and assoc_recall (L = 32) and passkey (L = 128); the offset table's
 # trained weights with the mask policy; LM passkey retrieval (quick LM preset, 4
 # schemes, seed 0); Ruoss et al. (2023)'s reverse string as an anchor; assoc_recall
-# pilots, then with random queries at 8,000 steps (every scheme x 3 seeds) and two
-# controls: 1..4 pairs at every length (task.pairs=4), RoPE at lr 3e-3.
+# pilots, then with random queries at 8,000 steps (every scheme x 3 seeds) and three
+# controls: 1..4 pairs at every length (task.pairs=4), RoPE at lr 3e-3, ALiBi and
+# Sandwich at 16,000 steps.
 # The content-reading schemes on copy. plot_assoc redraws the assoc_recall parts alone.
 #   experiments/length_tasks/run_study.sh [tasks|policies|lm_passkey|anchor|assoc_pilot|
 #                                          assoc_budget|assoc_random|assoc_random_seeds|
-#                                          assoc_random_rest|
+#                                          assoc_random_rest|assoc_longer|
 #                                          content_tasks|plot|plot_assoc|all]
 # Runs go to $HERE/runs/ (ignored by git); figures/ and results/ are committed.
 set -euo pipefail
@@ -133,6 +134,13 @@ assoc_random_rest() {  # the grid's last 10 runs (seeds 1-2 of 5 schemes) and th
     "$L:bias=xpos seed=2" "$L:bias=sinusoidal seed=2" "$P bias=kerple_log seed=0" &
   wait
 }
+assoc_longer() {  # did the falls beyond L come from runs not yet converged at 8,000
+  # steps? ALiBi and Sandwich seeds 0 and 1 at 16,000 steps (the cosine schedule stretched)
+  local L=assoc_random_16k
+  queue8k 0 "$L:bias=alibi seed=0 train.steps=16000" "$L:bias=sandwich seed=0 train.steps=16000" &
+  queue8k 1 "$L:bias=alibi seed=1 train.steps=16000" "$L:bias=sandwich seed=1 train.steps=16000" &
+  wait
+}
 content_tasks() {  # the schemes that read the content (CoPE, DAPE, FoX, stick-breaking,
   # SSMax, Hard-ALiBi) x 3 seeds on copy, in the tasks setting (passkey not run: a CoPE
   # passkey run takes about 10 times a base scheme's on 2 cores)
@@ -196,10 +204,16 @@ plot_assoc() {  # the 8,000-step assoc_recall grid and its controls. Runs whose 
       "title=assoc_recall, random queries, RoPE at lr 3e-3, 8,000 steps, trained at 32 (seed 0)"
     lookup none $R/assoc_lr_lookup.md $HERE/runs/assoc_random_lr/*/
   fi
+  if [[ -d $HERE/runs/assoc_random_16k ]]; then  # likewise, once its folders are gone
+    relpos-plot "inputs=[$HERE/runs/assoc_random_16k]" out_dir=$HERE/figures/assoc_16k \
+      merge_to=$R/assoc_16k.json \
+      "title=assoc_recall, random queries, 64 keys, 16,000 steps, trained at 32 (seeds in the legend)"
+    lookup none $R/assoc_16k_lookup.md $HERE/runs/assoc_random_16k/*/
+  fi
 }
 case "${1:-all}" in
-  tasks|policies|lm_passkey|anchor|assoc_pilot|assoc_budget|assoc_random|assoc_random_seeds|assoc_random_rest|content_tasks|plot|plot_assoc) "$1" ;;
-  all) tasks; policies; lm_passkey; anchor; assoc_pilot; assoc_budget; assoc_random; assoc_random_seeds; assoc_random_rest; content_tasks; plot ;;
-  *) echo "usage: $0 [tasks|policies|lm_passkey|anchor|assoc_pilot|assoc_budget|assoc_random|assoc_random_seeds|assoc_random_rest|content_tasks|plot|plot_assoc|all]" >&2
+  tasks|policies|lm_passkey|anchor|assoc_pilot|assoc_budget|assoc_random|assoc_random_seeds|assoc_random_rest|assoc_longer|content_tasks|plot|plot_assoc) "$1" ;;
+  all) tasks; policies; lm_passkey; anchor; assoc_pilot; assoc_budget; assoc_random; assoc_random_seeds; assoc_random_rest; assoc_longer; content_tasks; plot ;;
+  *) echo "usage: $0 [tasks|policies|lm_passkey|anchor|assoc_pilot|assoc_budget|assoc_random|assoc_random_seeds|assoc_random_rest|assoc_longer|content_tasks|plot|plot_assoc|all]" >&2
      exit 2 ;;
 esac
