@@ -135,10 +135,11 @@ assoc_random_rest() {  # the grid's last 10 runs (seeds 1-2 of 5 schemes) and th
   wait
 }
 assoc_longer() {  # did the falls beyond L come from runs not yet converged at 8,000
-  # steps? ALiBi and Sandwich seeds 0 and 1 at 16,000 steps (the cosine schedule stretched)
-  local L=assoc_random_16k
-  queue8k 0 "$L:bias=alibi seed=0 train.steps=16000" "$L:bias=sandwich seed=0 train.steps=16000" &
-  queue8k 1 "$L:bias=alibi seed=1 train.steps=16000" "$L:bias=sandwich seed=1 train.steps=16000" &
+  # steps? ALiBi and Sandwich seeds 0 and 1, then the KERPLEs' seed 0 (KERPLE-log's fell,
+  # KERPLE-power's did not learn), at 16,000 steps (the cosine schedule stretched)
+  local L=assoc_random_16k S=train.steps=16000
+  queue8k 0 "$L:bias=alibi seed=0 $S" "$L:bias=sandwich seed=0 $S" "$L:bias=kerple_log seed=0 $S" &
+  queue8k 1 "$L:bias=alibi seed=1 $S" "$L:bias=sandwich seed=1 $S" "$L:bias=kerple_power seed=0 $S" &
   wait
 }
 content_tasks() {  # the schemes that read the content (CoPE, DAPE, FoX, stick-breaking,
