@@ -79,47 +79,45 @@ assoc_budget() {  # is it the budget or the shape? alibi, 128 keys, seed 0: 15,0
   relpos-train -m "${P[@]}" model.d_model=64,128 model.num_layers=2,4 optim.lr=1e-3 \
     train.steps=5000 train.checkpoint_every=5000 hydra.sweep.dir=$HERE/runs/assoc_shape
 }
-assoc_random() {  # assoc_recall with random queries (task.queries=random, the default: no
-  # elimination), 64 keys (8x = 63 pairs), batch 128 at lr 1e-3. A pilot (alibi, seed 0,
-  # 4,000 steps) learned the lookup after ~2,000 steps. What was run: every scheme x seed 0
-  # at 3,000 steps, then 6 schemes x seed 0 and 3 x seed 1 at 8,000 steps.
-  local R=(task=assoc_recall task.keys=64 task.queries=random "eval.task_multiples=[1,2,4,8]"
-           train.length=32 train.batch_size=128 train.log_every=250 train.progress=false
-           optim.lr=1e-3 optim.warmup_steps=200 model.d_model=64 model.num_layers=2
-           model.num_heads=4 eval.progress=false seed=0)
-  relpos-train -m "${R[@]}" bias=$SCHEMES train.steps=3000 train.checkpoint_every=3000 \
+# assoc_recall with random queries (task.queries=random, the default: no elimination),
+# 64 keys (8x = 63 pairs), batch 128 at lr 1e-3: the setting of every run below
+RQ=(task=assoc_recall task.keys=64 task.queries=random "eval.task_multiples=[1,2,4,8]"
+    train.length=32 train.batch_size=128 train.log_every=250 train.progress=false
+    optim.lr=1e-3 optim.warmup_steps=200 model.d_model=64 model.num_layers=2
+    model.num_heads=4 eval.progress=false)
+assoc_random() {  # a pilot (alibi, seed 0, 4,000 steps) learned the lookup after ~2,000
+  # steps. What was run: every scheme x seed 0 at 3,000 steps, then 6 schemes x seed 0
+  # and 3 x seed 1 at 8,000 steps.
+  relpos-train -m "${RQ[@]}" seed=0 bias=$SCHEMES train.steps=3000 train.checkpoint_every=3000 \
     hydra.sweep.dir=$HERE/runs/assoc_random
-  relpos-train -m "${R[@]}" bias=alibi,offset,rope,t5,kerple_log,none train.steps=8000 \
+  relpos-train -m "${RQ[@]}" seed=0 bias=alibi,offset,rope,t5,kerple_log,none train.steps=8000 \
     train.checkpoint_every=4000 hydra.sweep.dir=$HERE/runs/assoc_random_long
-  relpos-train -m "${R[@]/seed=0/seed=1}" bias=alibi,rope,kerple_log train.steps=8000 \
+  relpos-train -m "${RQ[@]}" seed=1 bias=alibi,rope,kerple_log train.steps=8000 \
     train.checkpoint_every=4000 hydra.sweep.dir=$HERE/runs/assoc_random_long
 }
-R8K=(task=assoc_recall task.keys=64 task.queries=random "eval.task_multiples=[1,2,4,8]"
-     train.length=32 train.batch_size=128 train.log_every=250 train.progress=false
-     optim.lr=1e-3 optim.warmup_steps=200 model.d_model=64 model.num_layers=2
-     model.num_heads=4 eval.progress=false train.steps=8000 train.checkpoint_every=4000)
-one8k() {  # one run of the 8,000-step setting: sweep dir, then overrides
+one_rq() {  # one run of the setting, 8,000 steps unless overridden: sweep dir, overrides
   local dir=$1; shift
-  relpos-train -m "${R8K[@]}" "$@" hydra.sweep.dir=$HERE/runs/$dir </dev/null
+  relpos-train -m "${RQ[@]}" train.steps=8000 train.checkpoint_every=4000 "$@" \
+    hydra.sweep.dir=$HERE/runs/$dir </dev/null
 }
-queue8k() {  # core, then "dir:overrides" jobs, run one after another, single-threaded
+queue_rq() {  # core, then "dir:overrides" jobs, run one after another, single-threaded
   local core=$1 job; shift
   for job in "$@"; do
     XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
-      taskset -c "$core" bash -c "$(declare -p R8K HERE); $(declare -f one8k); one8k ${job/:/ }"
+      taskset -c "$core" bash -c "$(declare -p RQ HERE); $(declare -f one_rq); one_rq ${job/:/ }"
   done
 }
-L8K=assoc_random_long P8K="assoc_pairs:task.pairs=4"
+GRID=assoc_random_long PAIRS="assoc_pairs:task.pairs=4"
 assoc_random_seeds() {  # more of the 8,000-step grid and two controls (task.pairs=4 and
   # RoPE at lr 3e-3), as two queues of single-threaded runs, one per core (1.4x the
   # throughput of one 2-thread run on 2 cores, measured over 400 steps), in priority order:
   # every scheme at seed 0, the controls, the lookup learners' seed 2, then seeds 1 and 2
   # of the others. Each run takes about 10 minutes beside the other.
-  local L=$L8K P=$P8K lr="assoc_random_lr:optim.lr=3e-3"
-  queue8k 0 "$L:bias=sandwich seed=0" "$L:bias=fire seed=0" "$L:bias=learned_abs seed=0" \
+  local L=$GRID P=$PAIRS lr="assoc_random_lr:optim.lr=3e-3"
+  queue_rq 0 "$L:bias=sandwich seed=0" "$L:bias=fire seed=0" "$L:bias=learned_abs seed=0" \
     "$P bias=alibi seed=0" "$L:bias=alibi seed=2" "$L:bias=rope seed=2" "$L:bias=t5 seed=1" \
     "$L:bias=none seed=1" "$L:bias=t5 seed=2" "$L:bias=none seed=2" &
-  queue8k 1 "$L:bias=kerple_power seed=0" "$L:bias=xpos seed=0" "$L:bias=sinusoidal seed=0" \
+  queue_rq 1 "$L:bias=kerple_power seed=0" "$L:bias=xpos seed=0" "$L:bias=sinusoidal seed=0" \
     "$lr bias=rope seed=0" "$L:bias=kerple_log seed=2" "$P bias=alibi seed=1" \
     "$L:bias=offset seed=1" "$L:bias=sandwich seed=1" "$L:bias=offset seed=2" \
     "$L:bias=sandwich seed=2" &
@@ -127,10 +125,10 @@ assoc_random_seeds() {  # more of the 8,000-step grid and two controls (task.pai
 }
 assoc_random_rest() {  # the grid's last 10 runs (seeds 1-2 of 5 schemes) and the pairs
   # control for RoPE and KERPLE-log (seed 0), the same two queues
-  local L=$L8K P=$P8K
-  queue8k 0 "$L:bias=kerple_power seed=1" "$L:bias=fire seed=1" "$L:bias=learned_abs seed=1" \
+  local L=$GRID P=$PAIRS
+  queue_rq 0 "$L:bias=kerple_power seed=1" "$L:bias=fire seed=1" "$L:bias=learned_abs seed=1" \
     "$L:bias=fire seed=2" "$L:bias=learned_abs seed=2" "$P bias=rope seed=0" &
-  queue8k 1 "$L:bias=kerple_power seed=2" "$L:bias=xpos seed=1" "$L:bias=sinusoidal seed=1" \
+  queue_rq 1 "$L:bias=kerple_power seed=2" "$L:bias=xpos seed=1" "$L:bias=sinusoidal seed=1" \
     "$L:bias=xpos seed=2" "$L:bias=sinusoidal seed=2" "$P bias=kerple_log seed=0" &
   wait
 }
@@ -138,8 +136,8 @@ assoc_longer() {  # did the falls beyond L come from runs not yet converged at 8
   # steps? ALiBi and Sandwich seeds 0 and 1, then the KERPLEs' seed 0 (KERPLE-log's fell,
   # KERPLE-power's did not learn), at 16,000 steps (the cosine schedule stretched)
   local L=assoc_random_16k S=train.steps=16000
-  queue8k 0 "$L:bias=alibi seed=0 $S" "$L:bias=sandwich seed=0 $S" "$L:bias=kerple_log seed=0 $S" &
-  queue8k 1 "$L:bias=alibi seed=1 $S" "$L:bias=sandwich seed=1 $S" "$L:bias=kerple_power seed=0 $S" &
+  queue_rq 0 "$L:bias=alibi seed=0 $S" "$L:bias=sandwich seed=0 $S" "$L:bias=kerple_log seed=0 $S" &
+  queue_rq 1 "$L:bias=alibi seed=1 $S" "$L:bias=sandwich seed=1 $S" "$L:bias=kerple_power seed=0 $S" &
   wait
 }
 content_tasks() {  # the schemes that read the content (CoPE, DAPE, FoX, stick-breaking,
@@ -179,38 +177,39 @@ plot() {  # tasks and LMs apart: each figure's panels share one training length
 plot_assoc() {  # the 8,000-step assoc_recall grid and its controls. Runs whose folders are
   # gone (earlier machines) are read back from results/*_earlier.*, beside those in runs/; a
   # run in both is refused (a repeated seed): move the *_earlier files aside to redo all.
+  # A part with neither is left as committed.
   shopt -s nullglob
   local R=$HERE/results
-  earlier() {  # NAME: results/NAME_earlier.json, if kept
-    [[ -f $R/$1_earlier.json ]] && echo "$R/$1_earlier.json," || true
+  draw() {  # RUNS FIGURES RESULTS TITLE: relpos-plot of runs/RUNS and results/RESULTS_earlier.json
+    local in=()
+    [[ -f $R/$3_earlier.json ]] && in+=("$R/$3_earlier.json")
+    [[ -d $HERE/runs/$1 ]] && in+=("$HERE/runs/$1")
+    (( ${#in[@]} )) || return 0
+    local IFS=,
+    relpos-plot "inputs=[${in[*]}]" out_dir=$HERE/figures/$2 merge_to=$R/$3.json "title=$4"
   }
-  lookup() {  # NAME OUT [--policy=P] RUN_DIRS...: assoc_lookup.py with NAME's earlier tables
-    local name=$1 out=$2; shift 2
+  lookup() {  # NAME OUT [--policy=P] RUN_DIRS...: assoc_lookup.py with results/NAME_earlier.md
+    # (if kept) into OUT; OUT is left as it is when there are neither run folders nor those
+    local name=$1 out=$2 a runs=0; shift 2
     local prev=(); [[ -f $R/${name}_earlier.md ]] && prev=(--previous=$R/${name}_earlier.md)
+    for a in "$@"; do [[ $a == --* ]] || runs=1; done
+    (( runs || ${#prev[@]} )) || return 0
     python $HERE/assoc_lookup.py "${prev[@]}" "$@" > "$out"
   }
-  relpos-plot "inputs=[$(earlier assoc_random_long)$HERE/runs/assoc_random_long]" \
-    out_dir=$HERE/figures/assoc_random_long merge_to=$R/assoc_random_long.json \
-    "title=assoc_recall, random queries, 64 keys, 8,000 steps, trained at 32 (seeds in the legend)"
-  lookup assoc_lookup $R/assoc_lookup.md $HERE/runs/assoc_random_long/*/
-  lookup assoc_lookup /dev/stdout --policy=mask $HERE/runs/assoc_random_long/bias=offset,*/ \
+  draw $GRID assoc_random_long assoc_random_long \
+    "assoc_recall, random queries, 64 keys, 8,000 steps, trained at 32 (seeds in the legend)"
+  lookup assoc_lookup $R/assoc_lookup.md $HERE/runs/$GRID/*/
+  lookup assoc_lookup /dev/stdout --policy=mask $HERE/runs/$GRID/bias=offset,*/ \
     | tail -n +3 >> $R/assoc_lookup.md  # the same table with no attention beyond L
-  relpos-plot "inputs=[$(earlier assoc_pairs)$HERE/runs/assoc_pairs]" \
-    out_dir=$HERE/figures/assoc_pairs merge_to=$R/assoc_pairs.json \
-    "title=assoc_recall, 1..4 pairs and a gap (task.pairs=4), 8,000 steps, trained at 32 (seeds in the legend)"
+  draw assoc_pairs assoc_pairs assoc_pairs \
+    "assoc_recall, 1..4 pairs and a gap (task.pairs=4), 8,000 steps, trained at 32 (seeds in the legend)"
   lookup assoc_pairs_lookup $R/assoc_pairs_lookup.md $HERE/runs/assoc_pairs/*/
-  if [[ -d $HERE/runs/assoc_random_lr ]]; then  # its one run's folder is gone: kept as drawn
-    relpos-plot "inputs=[$HERE/runs/assoc_random_lr]" out_dir=$HERE/figures/assoc_lr \
-      merge_to=$R/assoc_lr.json \
-      "title=assoc_recall, random queries, RoPE at lr 3e-3, 8,000 steps, trained at 32 (seed 0)"
-    lookup none $R/assoc_lr_lookup.md $HERE/runs/assoc_random_lr/*/
-  fi
-  if [[ -d $HERE/runs/assoc_random_16k ]]; then  # likewise, once its folders are gone
-    relpos-plot "inputs=[$HERE/runs/assoc_random_16k]" out_dir=$HERE/figures/assoc_16k \
-      merge_to=$R/assoc_16k.json \
-      "title=assoc_recall, random queries, 64 keys, 16,000 steps, trained at 32 (seeds in the legend)"
-    lookup none $R/assoc_16k_lookup.md $HERE/runs/assoc_random_16k/*/
-  fi
+  draw assoc_random_lr assoc_lr assoc_lr \
+    "assoc_recall, random queries, RoPE at lr 3e-3, 8,000 steps, trained at 32 (seed 0)"
+  lookup none $R/assoc_lr_lookup.md $HERE/runs/assoc_random_lr/*/
+  draw assoc_random_16k assoc_16k assoc_16k \
+    "assoc_recall, random queries, 64 keys, 16,000 steps, trained at 32 (seeds in the legend)"
+  lookup none $R/assoc_16k_lookup.md $HERE/runs/assoc_random_16k/*/
 }
 case "${1:-all}" in
   tasks|policies|lm_passkey|anchor|assoc_pilot|assoc_budget|assoc_random|assoc_random_seeds|assoc_random_rest|assoc_longer|content_tasks|plot|plot_assoc) "$1" ;;
