@@ -517,7 +517,8 @@ def bias_profile_figure(profile: dict, ax=None, max_heads: int = 16, others=()):
     if masked.any():
         ax.text(offsets[masked][0] + 1, 0.5, " -inf: keys masked", fontsize=7,
                 transform=ax.get_xaxis_transform())
-    finite = at_max[np.isfinite(at_max)]
+    every = np.concatenate([at_max.ravel()] + [np.asarray(o["at_max"]).ravel() for o in others])
+    finite = every[np.isfinite(every)]  # every seed drawn: one exploding seed sets the scale
     if finite.size and finite.min() < -50:  # e.g. KERPLE power heads that explode beyond L
         ax.set_yscale("symlog", linthresh=1.0)
     ax.set_xlabel("offset i - j (+1, log)")
@@ -580,7 +581,8 @@ def plot_bias_profiles(results: list[dict], path: Path) -> bool:
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
     for ax, lab in zip(axes.flat, labs):
         bias_profile_figure(seen[lab][0], ax=ax, others=seen[lab][1:])
-        ax.set_title(f"{lab} ({len(seen[lab])} seeds)")
+        n = len(seen[lab])
+        ax.set_title(f"{lab} ({n} seed{'s' if n != 1 else ''})")
     for ax in list(axes.flat)[len(labs):]:
         ax.axis("off")
     fig.suptitle("Bias vs offset per head (query at the longest evaluation position; "

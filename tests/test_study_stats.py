@@ -267,6 +267,22 @@ def test_a_reevaluation_shows_its_own_bias_profile_or_none(tmp_path):
     assert plots.profile_of(own)["at_max"][0][1] == float("-inf")
 
 
+def test_bias_profile_scale_follows_every_seed_drawn():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    offsets = list(range(40))
+    calm = {"scheme": "kerple_power", "offsets": offsets, "train_length": 8,
+            "at_max": [[-0.01 * o for o in offsets]]}
+    wild = {**calm, "at_max": [[-float(o) ** 3 for o in offsets]]}  # -59,319 at offset 39
+    for others, scale in [((), "linear"), ((wild,), "symlog")]:
+        fig, ax = plt.subplots()
+        plots.bias_profile_figure(calm, ax=ax, others=others)
+        assert ax.get_yscale() == scale  # the first seed alone would be linear
+        plt.close(fig)
+
+
 def test_key_window_table_pairs_each_masked_run_with_its_own_full_evaluation():
     def res(seed, label, losses, window=None):
         r = {"label": label, "bias": "alibi", "seed": seed, "train_length": 8,
